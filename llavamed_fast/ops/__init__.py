@@ -1,0 +1,228 @@
+"""The op surface the model calls: one function per op, the backend chosen by the registry.
+
+``varlen_attention``, ``projector`` and ``linear_cross_entropy`` are differentiable custom ops
+(``torch.ops.llavamed_fast.*``); ``packing`` is host-side bin packing for the collator. See
+``registry.py`` for how a backend is chosen (``LLAVAMED_FAST_BACKEND=torch|triton|cuda`` and per-op
+``LLAVAMED_FAST_BACKEND_<OP>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llavamed_fast.ops import _library, reference
+from llavamed_fast.ops.registry import (
+    BACKENDS,
+    REGISTRY,
+    BackendUnavailableError,
+    Implementation,
+    use_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "BackendUnavailableError",
+    "backend_for",
+    "linear_cross_entropy",
+    "packing",
+    "projector",
+    "use_backend",
+    "varlen_attention",
+]
+
+_ANYWHERE = frozenset({"cpu", "cuda"})
+
+
+def _extension_unavailable() -> str | None:
+    # The extension is part of the package; if it does not load, say so rather than pretend.
+    from llavamed_fast import _ext
+
+    try:
+        _ext.load()
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def _extension_packing():
+    from llavamed_fast import _ext
+
+    _ext.load()
+    return torch.ops.llavamed_fast.packing
+
+
+def _reference_packing(lengths: torch.Tensor, budget: int) -> torch.Tensor:
+    return torch.tensor(reference.packing(lengths.tolist(), budget), dtype=torch.int64)
+
+
+REGISTRY.define("varlen_attention", {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")})
+REGISTRY.define("projector", {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")})
+REGISTRY.define("linear_cross_entropy", {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")})
+# Packing runs on the host whatever the training device. The compiled C++ packer is the only default: a
+# package whose extension does not load is broken and must say so, not slow down quietly.
+REGISTRY.define("packing", {"cpu": ("cuda",)})
+
+REGISTRY.register(
+    "varlen_attention", Implementation("torch", _ANYWHERE, lambda: _library.TorchVarlenAttention)
+)
+REGISTRY.register("projector", Implementation("torch", _ANYWHERE, lambda: _library.TorchProjector))
+REGISTRY.register(
+    "linear_cross_entropy", Implementation("torch", _ANYWHERE, lambda: _library.TorchLinearCrossEntropy)
+)
+REGISTRY.register("packing", Implementation("torch", frozenset({"cpu"}), lambda: _reference_packing))
+REGISTRY.register(
+    "packing",
+    Implementation("cuda", frozenset({"cpu"}), _extension_packing, unavailable=_extension_unavailable),
+)
+
+
+def backend_for(op: str, device: torch.device | str) -> str:
+    """The backend that ``op`` would use for tensors on ``device`` (raises if none can run)."""
+    return REGISTRY.resolve(op, torch.device(device).type)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences; no token attends outside its own sample.
+
+    Args:
+        q: ``[T, H, D]`` queries of all samples, concatenated (float32/float16/bfloat16).
+        k, v: ``[T, H_kv, D]`` with ``H % H_kv == 0`` (GQA/MQA when ``H_kv < H``), same dtype as ``q``.
+        cu_seqlens: ``[S + 1]`` int32, sample boundaries: ``0 = c[0] <= c[1] <= ... <= c[S] = T``.
+        max_seqlen: the longest sample (``max(c[i+1] - c[i])``); sizes the fast kernels' grids.
+        causal: mask future tokens within each sample.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns: ``[T, H, D]`` in the dtype of ``q``.
+    """
+    _check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, "q, k, v must be [tokens, heads, head_dim]")
+    _check(k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(
+        q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2],
+        f"q {tuple(q.shape)} and k {tuple(k.shape)} differ",
+    )
+    _check(
+        q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    )
+    _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
+    _check(
+        cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2, "cu_seqlens must be 1-D with at least 2 entries"
+    )
+    _check(cu_seqlens.device == q.device, f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    backend = REGISTRY.resolve("varlen_attention", q.device.type)
+    out, _ = _library.varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale, backend)
+    return out
+
+
+def projector(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    embeds: torch.Tensor | None = None,
+    image_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Project vision features into the LLM's space, optionally straight into the packed embeddings.
+
+    Args:
+        x: ``[N, P, C]`` vision features of N images with P tokens each.
+        w1, b1: ``[D1, C]``, ``[D1]`` first linear layer (the only one for the ``linear`` projector).
+        w2, b2: ``[D, D1]``, ``[D]`` second layer after an exact GELU (``mlp2x_gelu``), or None.
+        embeds: ``[T, D]`` packed text embeddings; when given, the result is ``embeds`` with rows
+            ``image_offsets[i] .. image_offsets[i] + P - 1`` replaced by image i's projected tokens.
+        image_offsets: ``[N]`` int64, first row of each image's contiguous run of image tokens.
+
+    Returns: ``[N, P, D]``, or ``[T, D]`` when ``embeds`` is given.
+    """
+    _check(x.dim() == 3, f"x must be [images, tokens, channels], got shape {tuple(x.shape)}")
+    _check(
+        w1.dim() == 2 and w1.shape[1] == x.shape[2],
+        f"w1 {tuple(w1.shape)} does not take {x.shape[2]} channels",
+    )
+    _check(not (w2 is None and b2 is not None), "b2 given without w2")
+    if w2 is not None:
+        _check(
+            w2.dim() == 2 and w2.shape[1] == w1.shape[0],
+            f"w2 {tuple(w2.shape)} does not follow w1 {tuple(w1.shape)}",
+        )
+    if embeds is not None or image_offsets is not None:
+        _check(embeds is not None and image_offsets is not None, "embeds and image_offsets go together")
+        width = (w2 if w2 is not None else w1).shape[0]
+        _check(
+            embeds.dim() == 2 and embeds.shape[1] == width,
+            f"embeds {tuple(embeds.shape)} are not [T, {width}]",
+        )
+        _check(
+            image_offsets.shape == (x.shape[0],),
+            f"image_offsets must be [{x.shape[0]}], got {tuple(image_offsets.shape)}",
+        )
+        _check(image_offsets.dtype == torch.int64, f"image_offsets must be int64, got {image_offsets.dtype}")
+    backend = REGISTRY.resolve("projector", x.device.type)
+    return _library.projector_op(x, w1, b1, w2, b2, embeds, image_offsets, backend)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """LM head + cross-entropy over supervised positions only, without the full ``[T, V]`` logits.
+
+    Args:
+        hidden: ``[T, H]`` final hidden states.
+        weight: ``[V, H]`` LM head weight.
+        labels: ``[T]`` int64 target token per position, ``ignore_index`` where not supervised.
+        reduction: ``"mean"`` over supervised tokens (0 when there are none) or ``"sum"``.
+
+    Returns: a float32 scalar.
+    """
+    _check(hidden.dim() == 2 and weight.dim() == 2, "hidden must be [T, H] and weight [V, H]")
+    _check(
+        hidden.shape[1] == weight.shape[1],
+        f"hidden width {hidden.shape[1]} != weight width {weight.shape[1]}",
+    )
+    _check(
+        labels.shape == hidden.shape[:1],
+        f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}",
+    )
+    _check(labels.dtype == torch.int64, f"labels must be int64, got {labels.dtype}")
+    _check(reduction in ("mean", "sum"), f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    backend = REGISTRY.resolve("linear_cross_entropy", hidden.device.type)
+    return _library.linear_cross_entropy_op(hidden, weight, labels, int(ignore_index), reduction, backend)
+
+
+def packing(lengths: Sequence[int] | torch.Tensor, budget: int) -> torch.Tensor:
+    """Place items of the given lengths into bins of ``budget`` tokens (first-fit-decreasing).
+
+    Returns ``[n]`` int64: the bin of each item, bins numbered from 0 in order of opening (the first
+    bin holds the longest item). Raises ``ValueError`` for an item that is not in ``(0, budget]``.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    _check(lengths.dim() == 1, f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    if lengths.numel():
+        too = (lengths <= 0) | (lengths > budget)
+        if bool(too.any()):
+            index = int(too.nonzero()[0])
+            raise ValueError(f"item {index} has length {int(lengths[index])}, outside (0, {budget}]")
+    return REGISTRY.implementation("packing", REGISTRY.resolve("packing", "cpu"))(lengths.cpu(), int(budget))

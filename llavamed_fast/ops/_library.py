@@ -1,0 +1,243 @@
+"""torch.library registration of the ops, so that autograd and ``torch.compile`` see them as units.
+
+Each differentiable op is a pair of custom ops, ``llavamed_fast::<op>`` and ``llavamed_fast::<op>_backward``,
+with the chosen backend passed as a string argument. The autograd formula of the forward op calls the
+backward op, so a compiled graph holds both as opaque nodes whatever the backend. A backend provides an
+object with ``forward`` and ``backward`` functions following the op's contract below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llavamed_fast.ops import reference
+from llavamed_fast.ops.registry import REGISTRY
+
+
+def _kernels(op: str, backend: str):
+    return REGISTRY.implementation(op, backend)
+
+
+def _empty() -> torch.Tensor:
+    # Stands for "no gradient" in the tuple outputs of backward ops, which cannot hold None.
+    return torch.empty(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# varlen_attention: forward -> (out [T, H, D], lse [H, T] float32, float64 for float64 inputs); backward -> (dq, dk, dv)
+
+
+@torch.library.custom_op("llavamed_fast::varlen_attention", mutates_args=())
+def varlen_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _kernels("varlen_attention", backend).forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return out, lse
+
+
+@varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, backend):
+    return torch.empty_like(q), q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32)
+    )
+
+
+@torch.library.custom_op("llavamed_fast::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _kernels("varlen_attention", backend).backward(
+        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale
+    )
+    return dq, dk, dv
+
+
+@varlen_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.args = (max_seqlen, causal, scale, backend)
+
+
+def _varlen_attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_backward_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+varlen_attention_op.register_autograd(_varlen_attention_backward, setup_context=_varlen_attention_setup)
+
+
+class TorchVarlenAttention:
+    forward = staticmethod(reference.varlen_attention)
+    backward = staticmethod(reference.varlen_attention_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# projector: forward -> y ([N, P, D], or embeds [T, D] with the image rows replaced);
+# backward -> (dx, dw1, db1, dw2, db2, dembeds), an empty tensor where no gradient is wanted or the input is absent
+
+
+@torch.library.custom_op("llavamed_fast::projector", mutates_args=())
+def projector_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    embeds: torch.Tensor | None,
+    image_offsets: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    return _kernels("projector", backend).forward(x, w1, b1, w2, b2, embeds, image_offsets)
+
+
+@projector_op.register_fake
+def _(x, w1, b1, w2, b2, embeds, image_offsets, backend):
+    if embeds is not None:
+        return torch.empty_like(embeds)
+    width = (w2 if w2 is not None else w1).shape[0]
+    return x.new_empty((*x.shape[:-1], width))
+
+
+@torch.library.custom_op("llavamed_fast::projector_backward", mutates_args=())
+def projector_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    embeds: torch.Tensor | None,
+    image_offsets: torch.Tensor | None,
+    needs: list[bool],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _kernels("projector", backend).backward(dy, x, w1, b1, w2, b2, embeds, image_offsets, needs)
+    return tuple(_empty() if g is None else g for g in grads)
+
+
+@projector_backward_op.register_fake
+def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, needs, backend):
+    inputs = (x, w1, b1, w2, b2, embeds)
+    return tuple(
+        torch.empty_like(t) if need and t is not None else dy.new_empty(0)
+        for t, need in zip(inputs, needs, strict=True)
+    )
+
+
+def _projector_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, embeds, image_offsets, backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, embeds, image_offsets)
+    ctx.backend = backend
+
+
+def _projector_backward(ctx, dy):
+    x, w1, b1, w2, b2, embeds, image_offsets = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = projector_backward_op(
+        dy.contiguous(), x, w1, b1, w2, b2, embeds, image_offsets, needs, ctx.backend
+    )
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
+
+
+projector_op.register_autograd(_projector_backward, setup_context=_projector_setup)
+
+
+class TorchProjector:
+    forward = staticmethod(reference.projector)
+    backward = staticmethod(reference.projector_backward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy: forward -> scalar loss (float32, float64 for float64 inputs); backward -> (dhidden, dweight)
+
+
+@torch.library.custom_op("llavamed_fast::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
+    return _kernels("linear_cross_entropy", backend).forward(hidden, weight, labels, ignore_index, reduction)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, ignore_index, reduction, backend):
+    return hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+
+
+@torch.library.custom_op("llavamed_fast::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    dloss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    needs: list[bool],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grads = _kernels("linear_cross_entropy", backend).backward(
+        dloss, hidden, weight, labels, ignore_index, reduction, needs
+    )
+    return tuple(_empty() if g is None else g for g in grads)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(dloss, hidden, weight, labels, ignore_index, reduction, needs, backend):
+    return tuple(
+        torch.empty_like(t) if need else t.new_empty(0)
+        for t, need in zip((hidden, weight), needs, strict=True)
+    )
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    hidden, weight, labels, ignore_index, reduction, backend = inputs
+    ctx.save_for_backward(hidden, weight, labels)
+    ctx.args = (ignore_index, reduction)
+    ctx.backend = backend
+
+
+def _linear_cross_entropy_backward(ctx, dloss):
+    hidden, weight, labels = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
+    dhidden, dweight = linear_cross_entropy_backward_op(
+        dloss, hidden, weight, labels, *ctx.args, needs, ctx.backend
+    )
+    return (dhidden if needs[0] else None, dweight if needs[1] else None, None, None, None, None)
+
+
+linear_cross_entropy_op.register_autograd(
+    _linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup
+)
+
+
+class TorchLinearCrossEntropy:
+    forward = staticmethod(reference.linear_cross_entropy)
+    backward = staticmethod(reference.linear_cross_entropy_backward)

@@ -1,0 +1,251 @@
+"""Torch reference implementations: the definition of every op.
+
+These are the test oracles, the CPU path and the benchmark baselines. They favour clarity over speed,
+but they must stay usable for tiny models on a CPU (no dense [tokens, tokens] masks across samples).
+Each differentiable op has an explicit backward here (the FlashAttention / fused-kernel formulas written
+plainly), which the tests check against autograd in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention within each packed sample. Returns ``(out [T, H, D], lse [H, T])``.
+
+    ``lse`` (log-sum-exp of each query's scaled scores) is float32, or float64 for float64 inputs.
+    """
+    del max_seqlen  # only the fast kernels need it to size their grids
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    groups = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    # Computed in float32 at least; float64 stays float64 for the oracles.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    lse = torch.empty(num_heads, q.shape[0], dtype=compute, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1).to(compute)
+        ks = k[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
+        if causal:
+            length = end - start
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        sample_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - sample_lse.unsqueeze(-1))
+        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+        lse[:, start:end] = sample_lse
+    return out, lse
+
+
+def varlen_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`varlen_attention` from the saved ``out`` and ``lse`` (no softmax re-normalisation)."""
+    del max_seqlen
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    groups = num_heads // num_kv_heads
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end == start:
+            continue
+        qs, os_, dos = (t[start:end].transpose(0, 1).to(compute) for t in (q, out, dout))
+        ks = k[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
+        if causal:
+            length = end - start
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.exp(scores - lse[:, start:end].to(compute).unsqueeze(-1))
+        dvs = torch.matmul(probs.transpose(1, 2), dos)
+        dprobs = torch.matmul(dos, vs.transpose(1, 2))
+        delta = (dos * os_).sum(-1, keepdim=True)  # rowsum(dO * O) == rowsum(P * dP)
+        dscores = probs * (dprobs - delta) * scale
+        dqs = torch.matmul(dscores, ks)
+        dks = torch.matmul(dscores.transpose(1, 2), qs)
+        # KV heads shared by a group of query heads receive the sum of the group's gradients.
+        fold = (num_kv_heads, groups, end - start, head_dim)
+        dq[start:end] = dqs.transpose(0, 1).to(q.dtype)
+        dk[start:end] = dks.reshape(fold).sum(1).transpose(0, 1).to(k.dtype)
+        dv[start:end] = dvs.reshape(fold).sum(1).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
+def projector(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    embeds: torch.Tensor | None = None,
+    image_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear (v0) or Linear→GELU→Linear (mlp2x_gelu), optionally written into packed embeddings.
+
+    Without ``embeds`` returns the projected features ``[N, P, D]``. With ``embeds [T, D]`` and
+    ``image_offsets [N]`` returns a copy of ``embeds`` whose rows ``image_offsets[i] + j`` hold image i's
+    token j; the other rows (text) are untouched and keep their gradient path.
+    """
+    y = F.linear(x, w1, b1)
+    if w2 is not None:
+        y = F.linear(F.gelu(y), w2, b2)
+    if embeds is None:
+        return y
+    num_images, tokens_per_image = x.shape[0], x.shape[1]
+    rows = image_offsets.to(torch.long)[:, None] + torch.arange(tokens_per_image, device=embeds.device)
+    return embeds.index_copy(
+        0, rows.reshape(-1), y.reshape(num_images * tokens_per_image, -1).to(embeds.dtype)
+    )
+
+
+def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    # d/dh [h * Phi(h)] = Phi(h) + h * phi(h), for the exact (erf) GELU that HF's "gelu" is.
+    cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + h * pdf
+
+
+def projector_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    embeds: torch.Tensor | None,
+    image_offsets: torch.Tensor | None,
+    needs: tuple[bool, ...] = (True,) * 6,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`projector` for ``(x, w1, b1, w2, b2, embeds)``; None where not needed."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    num_images, tokens_per_image = x.shape[0], x.shape[1]
+    dembeds = None
+    if embeds is not None:
+        rows = (
+            image_offsets.to(torch.long)[:, None] + torch.arange(tokens_per_image, device=dy.device)
+        ).reshape(-1)
+        if needs[5]:
+            dembeds = dy.index_fill(0, rows, 0)
+        dy = dy.index_select(0, rows).reshape(num_images, tokens_per_image, -1)
+    xf = x.reshape(-1, x.shape[-1]).to(compute)
+    dyf = dy.reshape(-1, dy.shape[-1]).to(compute)
+    if w2 is None:
+        dh = dyf
+        dw2 = db2 = None
+    else:
+        h = torch.addmm(b1.to(compute), xf, w1.to(compute).t()) if b1 is not None else xf @ w1.to(compute).t()
+        act = torch.nn.functional.gelu(h)
+        dw2 = (dyf.t() @ act).to(w2.dtype) if needs[3] else None
+        db2 = dyf.sum(0).to(b2.dtype) if b2 is not None and needs[4] else None
+        dh = (dyf @ w2.to(compute)) * _gelu_grad(h)
+    dw1 = (dh.t() @ xf).to(w1.dtype) if needs[1] else None
+    db1 = dh.sum(0).to(b1.dtype) if b1 is not None and needs[2] else None
+    dx = (dh @ w1.to(compute)).reshape(x.shape).to(x.dtype) if needs[0] else None
+    return dx, dw1, db1, dw2, db2, dembeds
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, over supervised positions only.
+
+    Logits are computed in float32 (float64 for float64 inputs). ``mean`` divides by the number of supervised tokens and is 0 when
+    there are none (a micro-batch whose every target was truncated away must not poison the step).
+    """
+    supervised = labels != ignore_index
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    logits = F.linear(hidden[supervised].to(compute), weight.to(compute))
+    loss = F.cross_entropy(logits, labels[supervised], reduction="sum")
+    if reduction == "sum":
+        return loss
+    return loss / supervised.sum().clamp(min=1)
+
+
+def packing(lengths: list[int], budget: int) -> list[int]:
+    """First-fit-decreasing: the bin of each item, bins numbered in order of opening.
+
+    Items are visited longest first (ties by index); each goes into the lowest-numbered open bin with
+    room for it, else into a new bin. Raises ``ValueError`` naming the first item that is not positive
+    or longer than ``budget``.
+    """
+    if budget <= 0:
+        raise ValueError(f"packing budget must be positive, got {budget}")
+    for index, length in enumerate(lengths):
+        if length <= 0 or length > budget:
+            raise ValueError(f"item {index} has length {length}, outside (0, {budget}]")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[int] = []
+    bins = [0] * len(lengths)
+    for item in order:
+        for b, room in enumerate(free):
+            if room >= lengths[item]:
+                free[b] -= lengths[item]
+                bins[item] = b
+                break
+        else:
+            free.append(budget - lengths[item])
+            bins[item] = len(free) - 1
+    return bins
+
+
+def linear_cross_entropy_backward(
+    dloss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    needs: tuple[bool, bool] = (True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`linear_cross_entropy` for ``(hidden, weight)``: ``(softmax - onehot)`` chained."""
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    supervised = labels != ignore_index
+    rows = hidden[supervised].to(compute)
+    targets = labels[supervised]
+    dlogits = torch.softmax(rows @ weight.to(compute).t(), dim=-1)
+    dlogits[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
+    scale = dloss.to(compute)
+    if reduction == "mean":
+        scale = scale / supervised.sum().clamp(min=1)
+    dlogits = dlogits * scale
+    dhidden = dweight = None
+    if needs[0]:
+        dhidden = torch.zeros_like(hidden)
+        dhidden[supervised] = (dlogits @ weight.to(compute)).to(hidden.dtype)
+    if needs[1]:
+        dweight = (dlogits.t() @ rows).to(weight.dtype)
+    return dhidden, dweight

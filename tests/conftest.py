@@ -1,0 +1,46 @@
+"""Test settings that must exist before anything imports torch or triton."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Triton kernels run on CPU tensors only under the interpreter, and it must be chosen before the first
+# @triton.jit function is created (later it fails with "0 active drivers").
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny-model steps get 20-50x slower when parallel test workers each use every core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    """The real datasets: ``$LLAVAMED_SHARED_DATA``, default ``../shared/data`` next to the checkout."""
+    return Path(os.environ.get("LLAVAMED_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data()
+    if not (path / "vqa-rad").is_dir():
+        pytest.fail(f"real data not found at {path}; set LLAVAMED_SHARED_DATA to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vqa_rad_images(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "vqa-rad" / "images").glob("*.jpg"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
