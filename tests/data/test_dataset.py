@@ -193,3 +193,16 @@ def test_dataset_through_sampler_and_dataloader(tmp_path, image_folder, processo
         )
         seen.extend(batch.sample_ids)
     assert sorted(seen) == sorted(f"r{i}" for i in range(30))
+
+
+def test_v15_pads_to_square_and_v0_crops(vqa_rad_images):
+    from PIL import Image
+
+    wide = next(p for p in vqa_rad_images if (lambda s: s[0] > 1.2 * s[1])(Image.open(p).size))
+    image = Image.open(wide).convert("RGB")
+    padded = build("tiny-v1.5", seed=0)[1].preprocess_images([image])[0]
+    cropped = build("tiny-v0", seed=0)[1].preprocess_images([image])[0]
+    # Padding is the CLIP mean colour, which normalises to ~0 in every channel: the top rows of a wide
+    # image padded to a square are (almost) exactly zero; a centre crop has image content there.
+    assert padded[:, :2, :].abs().max() < 0.02
+    assert cropped[:, :2, :].abs().max() > 0.1

@@ -102,3 +102,23 @@ def test_padding_segment_changes_nothing(data_dir, tmp_path):
         torch.testing.assert_close(model(padded).loss, model(plain).loss, rtol=1e-6, atol=1e-6)
         logits = model.logits(padded)[: plain.num_tokens]
         torch.testing.assert_close(logits, model.logits(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_goes_through_the_op_registry(data_dir, tmp_path):
+    from llavamed_fast.ops import BackendUnavailableError, use_backend
+
+    model, processor = build("tiny-v0", seed=3)
+    (tmp_path / "data.json").write_text(json.dumps(vqa_rad_conversations(data_dir, count=1, turns=1)))
+    batch = collate([LlavaJsonDataset(tmp_path / "data.json", data_dir / "vqa-rad" / "images", processor)[0]])
+    with (
+        use_backend(varlen_attention="triton"),
+        pytest.raises(BackendUnavailableError, match="varlen_attention"),
+    ):
+        model(batch)
+    with use_backend(projector="cuda"), pytest.raises(BackendUnavailableError, match="projector"):
+        model(batch)
+    with (
+        use_backend(linear_cross_entropy="triton"),
+        pytest.raises(BackendUnavailableError, match="linear_cross"),
+    ):
+        model(batch)
