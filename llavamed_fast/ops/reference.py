@@ -15,6 +15,26 @@ import torch
 import torch.nn.functional as F
 
 
+def _samples(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale
+):
+    """Per non-empty sample: its rows, ``q/k/v`` as ``[H, L, D]`` (KV heads repeated per group) in the
+    compute dtype (float32 at least; float64 stays float64 for the oracles) and its masked scaled scores."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    groups = q.shape[1] // k.shape[1]
+    for start, end in itertools.pairwise(cu_seqlens.tolist()):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1).to(compute)
+        ks = k[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
+        if causal:
+            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        yield slice(start, end), qs, ks, vs, scores
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -29,29 +49,16 @@ def varlen_attention(
     ``lse`` (log-sum-exp of each query's scaled scores) is float32, or float64 for float64 inputs.
     """
     del max_seqlen  # only the fast kernels need it to size their grids
-    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    groups = num_heads // num_kv_heads
+    scale = q.shape[2] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
-    # Computed in float32 at least; float64 stays float64 for the oracles.
-    compute = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.empty(num_heads, q.shape[0], dtype=compute, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for start, end in itertools.pairwise(bounds):
-        if end == start:
-            continue
-        qs = q[start:end].transpose(0, 1).to(compute)
-        ks = k[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
-        vs = v[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
-        if causal:
-            length = end - start
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
+    lse = torch.empty(
+        q.shape[1], q.shape[0], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device
+    )
+    for rows, _, _, vs, scores in _samples(q, k, v, cu_seqlens, causal, scale):
         sample_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - sample_lse.unsqueeze(-1))
-        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
-        lse[:, start:end] = sample_lse
+        out[rows] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+        lse[:, rows] = sample_lse
     return out, lse
 
 
@@ -69,24 +76,13 @@ def varlen_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`varlen_attention` from the saved ``out`` and ``lse`` (no softmax re-normalisation)."""
     del max_seqlen
-    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    num_kv_heads, head_dim = k.shape[1], q.shape[2]
+    groups = q.shape[1] // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
-    groups = num_heads // num_kv_heads
-    compute = torch.promote_types(q.dtype, torch.float32)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bounds = cu_seqlens.tolist()
-    for start, end in itertools.pairwise(bounds):
-        if end == start:
-            continue
-        qs, os_, dos = (t[start:end].transpose(0, 1).to(compute) for t in (q, out, dout))
-        ks = k[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
-        vs = v[start:end].transpose(0, 1).to(compute).repeat_interleave(groups, dim=0)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale
-        if causal:
-            length = end - start
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.exp(scores - lse[:, start:end].to(compute).unsqueeze(-1))
+    for rows, qs, ks, vs, scores in _samples(q, k, v, cu_seqlens, causal, scale):
+        os_, dos = (t[rows].transpose(0, 1).to(qs.dtype) for t in (out, dout))
+        probs = torch.exp(scores - lse[:, rows].to(qs.dtype).unsqueeze(-1))
         dvs = torch.matmul(probs.transpose(1, 2), dos)
         dprobs = torch.matmul(dos, vs.transpose(1, 2))
         delta = (dos * os_).sum(-1, keepdim=True)  # rowsum(dO * O) == rowsum(P * dP)
@@ -94,10 +90,10 @@ def varlen_attention_backward(
         dqs = torch.matmul(dscores, ks)
         dks = torch.matmul(dscores.transpose(1, 2), qs)
         # KV heads shared by a group of query heads receive the sum of the group's gradients.
-        fold = (num_kv_heads, groups, end - start, head_dim)
-        dq[start:end] = dqs.transpose(0, 1).to(q.dtype)
-        dk[start:end] = dks.reshape(fold).sum(1).transpose(0, 1).to(k.dtype)
-        dv[start:end] = dvs.reshape(fold).sum(1).transpose(0, 1).to(v.dtype)
+        fold = (num_kv_heads, groups, qs.shape[1], head_dim)
+        dq[rows] = dqs.transpose(0, 1).to(q.dtype)
+        dk[rows] = dks.reshape(fold).sum(1).transpose(0, 1).to(k.dtype)
+        dv[rows] = dvs.reshape(fold).sum(1).transpose(0, 1).to(v.dtype)
     return dq, dk, dv
 
 
