@@ -177,7 +177,7 @@ def projector(
         )
         _check(image_offsets.dtype == torch.int64, f"image_offsets must be int64, got {image_offsets.dtype}")
     backend = REGISTRY.resolve("projector", x.device.type)
-    return _library.projector_op(x, w1, b1, w2, b2, embeds, image_offsets, backend)
+    return _library.projector_op(x, w1, b1, w2, b2, embeds, image_offsets, backend)[0]
 
 
 def linear_cross_entropy(
@@ -209,7 +209,13 @@ def linear_cross_entropy(
     _check(labels.dtype == torch.int64, f"labels must be int64, got {labels.dtype}")
     _check(reduction in ("mean", "sum"), f"reduction must be 'mean' or 'sum', got {reduction!r}")
     backend = REGISTRY.resolve("linear_cross_entropy", hidden.device.type)
-    return _library.linear_cross_entropy_op(hidden, weight, labels, int(ignore_index), reduction, backend)
+    # Gradients are computed in the loss's own pass, and only those that autograd will ask for.
+    grad = torch.is_grad_enabled()
+    needs = [grad and hidden.requires_grad, grad and weight.requires_grad]
+    loss, _, _ = _library.linear_cross_entropy_op(
+        hidden, weight, labels, int(ignore_index), reduction, needs, backend
+    )
+    return loss
 
 
 def packing(lengths: Sequence[int] | torch.Tensor, budget: int) -> torch.Tensor:

@@ -96,7 +96,8 @@ class TorchVarlenAttention:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# projector: forward -> y ([N, P, D], or embeds [T, D] with the image rows replaced);
+# projector: forward -> (y, pre_activation): y is [N, P, D], or embeds [T, D] with the image rows replaced;
+# pre_activation is the GELU's input [N, P, D1] kept for the backward (empty for the linear projector).
 # backward -> (dx, dw1, db1, dw2, db2, dembeds), an empty tensor where no gradient is wanted or the input is absent
 
 
@@ -110,16 +111,18 @@ def projector_op(
     embeds: torch.Tensor | None,
     image_offsets: torch.Tensor | None,
     backend: str,
-) -> torch.Tensor:
-    return _kernels("projector", backend).forward(x, w1, b1, w2, b2, embeds, image_offsets)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, pre_activation = _kernels("projector", backend).forward(x, w1, b1, w2, b2, embeds, image_offsets)
+    return y, pre_activation
 
 
 @projector_op.register_fake
 def _(x, w1, b1, w2, b2, embeds, image_offsets, backend):
+    pre_activation = x.new_empty((*x.shape[:-1], w1.shape[0]) if w2 is not None else (0,))
     if embeds is not None:
-        return torch.empty_like(embeds)
+        return torch.empty_like(embeds), pre_activation
     width = (w2 if w2 is not None else w1).shape[0]
-    return x.new_empty((*x.shape[:-1], width))
+    return x.new_empty((*x.shape[:-1], width)), pre_activation
 
 
 @torch.library.custom_op("llavamed_fast::projector_backward", mutates_args=())
@@ -132,15 +135,18 @@ def projector_backward_op(
     b2: torch.Tensor | None,
     embeds: torch.Tensor | None,
     image_offsets: torch.Tensor | None,
+    pre_activation: torch.Tensor,
     needs: list[bool],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _kernels("projector", backend).backward(dy, x, w1, b1, w2, b2, embeds, image_offsets, needs)
+    grads = _kernels("projector", backend).backward(
+        dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs
+    )
     return tuple(_empty() if g is None else g for g in grads)
 
 
 @projector_backward_op.register_fake
-def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, needs, backend):
+def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs, backend):
     inputs = (x, w1, b1, w2, b2, embeds)
     return tuple(
         torch.empty_like(t) if need and t is not None else dy.new_empty(0)
@@ -150,15 +156,15 @@ def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, needs, backend):
 
 def _projector_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, embeds, image_offsets, backend = inputs
-    ctx.save_for_backward(x, w1, b1, w2, b2, embeds, image_offsets)
+    ctx.save_for_backward(x, w1, b1, w2, b2, embeds, image_offsets, output[1])
     ctx.backend = backend
 
 
-def _projector_backward(ctx, dy):
-    x, w1, b1, w2, b2, embeds, image_offsets = ctx.saved_tensors
+def _projector_backward(ctx, dy, _dpre_activation):
+    x, w1, b1, w2, b2, embeds, image_offsets, pre_activation = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     grads = projector_backward_op(
-        dy.contiguous(), x, w1, b1, w2, b2, embeds, image_offsets, needs, ctx.backend
+        dy.contiguous(), x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs, ctx.backend
     )
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
 
@@ -167,12 +173,14 @@ projector_op.register_autograd(_projector_backward, setup_context=_projector_set
 
 
 class TorchProjector:
-    forward = staticmethod(reference.projector)
+    forward = staticmethod(reference.projector_forward)
     backward = staticmethod(reference.projector_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# linear_cross_entropy: forward -> scalar loss (float32, float64 for float64 inputs); backward -> (dhidden, dweight)
+# linear_cross_entropy: forward -> (loss, dhidden, dweight): the scalar loss (float32; float64 for float64
+# inputs) and its gradients for a unit output gradient, computed in the same pass where ``needs`` asks for
+# them (empty tensors otherwise); the autograd formula only scales them by the output gradient.
 
 
 @torch.library.custom_op("llavamed_fast::linear_cross_entropy", mutates_args=())
@@ -182,55 +190,33 @@ def linear_cross_entropy_op(
     labels: torch.Tensor,
     ignore_index: int,
     reduction: str,
+    needs: list[bool],
     backend: str,
-) -> torch.Tensor:
-    return _kernels("linear_cross_entropy", backend).forward(hidden, weight, labels, ignore_index, reduction)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, dhidden, dweight = _kernels("linear_cross_entropy", backend).forward(
+        hidden, weight, labels, ignore_index, reduction, needs
+    )
+    return loss, _empty() if dhidden is None else dhidden, _empty() if dweight is None else dweight
 
 
 @linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, ignore_index, reduction, backend):
-    return hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-
-
-@torch.library.custom_op("llavamed_fast::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(
-    dloss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    needs: list[bool],
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    grads = _kernels("linear_cross_entropy", backend).backward(
-        dloss, hidden, weight, labels, ignore_index, reduction, needs
-    )
-    return tuple(_empty() if g is None else g for g in grads)
-
-
-@linear_cross_entropy_backward_op.register_fake
-def _(dloss, hidden, weight, labels, ignore_index, reduction, needs, backend):
-    return tuple(
+def _(hidden, weight, labels, ignore_index, reduction, needs, backend):
+    loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    grads = (
         torch.empty_like(t) if need else t.new_empty(0)
         for t, need in zip((hidden, weight), needs, strict=True)
     )
+    return (loss, *grads)
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
-    hidden, weight, labels, ignore_index, reduction, backend = inputs
-    ctx.save_for_backward(hidden, weight, labels)
-    ctx.args = (ignore_index, reduction)
-    ctx.backend = backend
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _linear_cross_entropy_backward(ctx, dloss):
-    hidden, weight, labels = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
-    dhidden, dweight = linear_cross_entropy_backward_op(
-        dloss, hidden, weight, labels, *ctx.args, needs, ctx.backend
-    )
-    return (dhidden if needs[0] else None, dweight if needs[1] else None, None, None, None, None)
+def _linear_cross_entropy_backward(ctx, dloss, _ddhidden, _ddweight):
+    dhidden, dweight = ctx.saved_tensors
+    grads = [g * dloss.to(g.dtype) if g.numel() else None for g in (dhidden, dweight)]
+    return (*grads, None, None, None, None, None)
 
 
 linear_cross_entropy_op.register_autograd(
@@ -239,5 +225,4 @@ linear_cross_entropy_op.register_autograd(
 
 
 class TorchLinearCrossEntropy:
-    forward = staticmethod(reference.linear_cross_entropy)
-    backward = staticmethod(reference.linear_cross_entropy_backward)
+    forward = staticmethod(reference.linear_cross_entropy_forward)

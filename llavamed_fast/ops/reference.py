@@ -97,6 +97,33 @@ def varlen_attention_backward(
     return dq, dk, dv
 
 
+def _image_rows(image_offsets: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """``[N * P]`` rows of the packed row that image tokens occupy, image by image."""
+    steps = torch.arange(tokens_per_image, device=image_offsets.device)
+    return (image_offsets.to(torch.long)[:, None] + steps).reshape(-1)
+
+
+def projector_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    embeds: torch.Tensor | None = None,
+    image_offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`projector` and the GELU's input ``[N, P, D1]`` for the backward (empty for ``linear``)."""
+    h = F.linear(x, w1, b1)
+    if w2 is None:
+        y, pre_activation = h, h.new_empty(0)
+    else:
+        y, pre_activation = F.linear(F.gelu(h), w2, b2), h
+    if embeds is None:
+        return y, pre_activation
+    rows = _image_rows(image_offsets, x.shape[1])
+    return embeds.index_copy(0, rows, y.reshape(rows.numel(), -1).to(embeds.dtype)), pre_activation
+
+
 def projector(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -112,16 +139,7 @@ def projector(
     ``image_offsets [N]`` returns a copy of ``embeds`` whose rows ``image_offsets[i] + j`` hold image i's
     token j; the other rows (text) are untouched and keep their gradient path.
     """
-    y = F.linear(x, w1, b1)
-    if w2 is not None:
-        y = F.linear(F.gelu(y), w2, b2)
-    if embeds is None:
-        return y
-    num_images, tokens_per_image = x.shape[0], x.shape[1]
-    rows = image_offsets.to(torch.long)[:, None] + torch.arange(tokens_per_image, device=embeds.device)
-    return embeds.index_copy(
-        0, rows.reshape(-1), y.reshape(num_images * tokens_per_image, -1).to(embeds.dtype)
-    )
+    return projector_forward(x, w1, b1, w2, b2, embeds, image_offsets)[0]
 
 
 def _gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -140,28 +158,28 @@ def projector_backward(
     b2: torch.Tensor | None,
     embeds: torch.Tensor | None,
     image_offsets: torch.Tensor | None,
+    pre_activation: torch.Tensor,
     needs: tuple[bool, ...] = (True,) * 6,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of :func:`projector` for ``(x, w1, b1, w2, b2, embeds)``; None where not needed."""
+    """Gradients of :func:`projector` for ``(x, w1, b1, w2, b2, embeds)``; None where not needed.
+
+    ``pre_activation`` is what :func:`projector_forward` returned with the output.
+    """
     compute = torch.promote_types(x.dtype, torch.float32)
-    num_images, tokens_per_image = x.shape[0], x.shape[1]
     dembeds = None
     if embeds is not None:
-        rows = (
-            image_offsets.to(torch.long)[:, None] + torch.arange(tokens_per_image, device=dy.device)
-        ).reshape(-1)
+        rows = _image_rows(image_offsets, x.shape[1])
         if needs[5]:
             dembeds = dy.index_fill(0, rows, 0)
-        dy = dy.index_select(0, rows).reshape(num_images, tokens_per_image, -1)
+        dy = dy.index_select(0, rows)
     xf = x.reshape(-1, x.shape[-1]).to(compute)
     dyf = dy.reshape(-1, dy.shape[-1]).to(compute)
     if w2 is None:
         dh = dyf
         dw2 = db2 = None
     else:
-        h = torch.addmm(b1.to(compute), xf, w1.to(compute).t()) if b1 is not None else xf @ w1.to(compute).t()
-        act = torch.nn.functional.gelu(h)
-        dw2 = (dyf.t() @ act).to(w2.dtype) if needs[3] else None
+        h = pre_activation.reshape(-1, pre_activation.shape[-1]).to(compute)
+        dw2 = (dyf.t() @ F.gelu(h)).to(w2.dtype) if needs[3] else None
         db2 = dyf.sum(0).to(b2.dtype) if b2 is not None and needs[4] else None
         dh = (dyf @ w2.to(compute)) * _gelu_grad(h)
     dw1 = (dh.t() @ xf).to(w1.dtype) if needs[1] else None
@@ -218,30 +236,35 @@ def packing(lengths: list[int], budget: int) -> list[int]:
     return bins
 
 
-def linear_cross_entropy_backward(
-    dloss: torch.Tensor,
+def linear_cross_entropy_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
     needs: tuple[bool, bool] = (True, True),
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`linear_cross_entropy` for ``(hidden, weight)``: ``(softmax - onehot)`` chained."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`linear_cross_entropy` and its gradients for ``(hidden, weight)`` (None where not needed),
+    from one softmax: ``d loss / d logits = (softmax - onehot) / n`` (``mean``) or without ``/ n`` (``sum``).
+    Fused kernels compute the gradients in the same pass as the loss; autograd then only scales them."""
     compute = torch.promote_types(hidden.dtype, torch.float32)
     supervised = labels != ignore_index
     rows = hidden[supervised].to(compute)
     targets = labels[supervised]
-    dlogits = torch.softmax(rows @ weight.to(compute).t(), dim=-1)
-    dlogits[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
-    scale = dloss.to(compute)
-    if reduction == "mean":
-        scale = scale / supervised.sum().clamp(min=1)
-    dlogits = dlogits * scale
+    logits = rows @ weight.to(compute).t()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = torch.arange(targets.numel(), device=targets.device)
+    loss = -log_probs[picked, targets].sum()
+    scale = 1.0 / supervised.sum().clamp(min=1) if reduction == "mean" else 1.0
+    loss = loss * scale
     dhidden = dweight = None
-    if needs[0]:
-        dhidden = torch.zeros_like(hidden)
-        dhidden[supervised] = (dlogits @ weight.to(compute)).to(hidden.dtype)
-    if needs[1]:
-        dweight = (dlogits.t() @ rows).to(weight.dtype)
-    return dhidden, dweight
+    if needs[0] or needs[1]:
+        dlogits = log_probs.exp_()
+        dlogits[picked, targets] -= 1.0
+        dlogits *= scale
+        if needs[0]:
+            dhidden = torch.zeros_like(hidden)
+            dhidden[supervised] = (dlogits @ weight.to(compute)).to(hidden.dtype)
+        if needs[1]:
+            dweight = (dlogits.t() @ rows).to(weight.dtype)
+    return loss, dhidden, dweight

@@ -207,7 +207,9 @@ def test_ops_pass_opcheck():
     opcheck(_library.projector_op, (x, w1, b1, w2, b2, leaf(10, 6), torch.tensor([1, 6]), "torch"))
     opcheck(_library.projector_op, (x, w1, b1, None, None, None, None, "torch"))
     labels = torch.tensor([1, -100, 3, 4, -100, 0])
-    opcheck(_library.linear_cross_entropy_op, (leaf(6, 5), leaf(7, 5), labels, -100, "mean", "torch"))
+    for needs in ([True, True], [True, False], [False, False]):
+        args = (leaf(6, 5), leaf(7, 5), labels, -100, "mean", needs, "torch")
+        opcheck(_library.linear_cross_entropy_op, args)
 
 
 def test_ops_compile_with_autograd():
