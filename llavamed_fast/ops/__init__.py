@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llavamed_fast.ops import _library, reference
+from llavamed_fast.ops import _library, backends  # noqa: F401 (backends registers the implementations)
 from llavamed_fast.ops.registry import (
     BACKENDS,
     REGISTRY,
@@ -25,6 +25,7 @@ __all__ = [
     "BACKENDS",
     "REGISTRY",
     "BackendUnavailableError",
+    "Implementation",
     "backend_for",
     "linear_cross_entropy",
     "packing",
@@ -32,51 +33,6 @@ __all__ = [
     "use_backend",
     "varlen_attention",
 ]
-
-_ANYWHERE = frozenset({"cpu", "cuda"})
-
-
-def _extension_unavailable() -> str | None:
-    # The extension is part of the package; if it does not load, say so rather than pretend.
-    from llavamed_fast import _ext
-
-    try:
-        _ext.load()
-    except ImportError as error:
-        return str(error)
-    return None
-
-
-def _extension_packing():
-    from llavamed_fast import _ext
-
-    _ext.load()
-    return torch.ops.llavamed_fast.packing
-
-
-def _reference_packing(lengths: torch.Tensor, budget: int) -> torch.Tensor:
-    return torch.tensor(reference.packing(lengths.tolist(), budget), dtype=torch.int64)
-
-
-REGISTRY.define("varlen_attention", {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")})
-REGISTRY.define("projector", {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")})
-REGISTRY.define("linear_cross_entropy", {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")})
-# Packing runs on the host whatever the training device. The compiled C++ packer is the only default: a
-# package whose extension does not load is broken and must say so, not slow down quietly.
-REGISTRY.define("packing", {"cpu": ("cuda",)})
-
-REGISTRY.register(
-    "varlen_attention", Implementation("torch", _ANYWHERE, lambda: _library.TorchVarlenAttention)
-)
-REGISTRY.register("projector", Implementation("torch", _ANYWHERE, lambda: _library.TorchProjector))
-REGISTRY.register(
-    "linear_cross_entropy", Implementation("torch", _ANYWHERE, lambda: _library.TorchLinearCrossEntropy)
-)
-REGISTRY.register("packing", Implementation("torch", frozenset({"cpu"}), lambda: _reference_packing))
-REGISTRY.register(
-    "packing",
-    Implementation("cuda", frozenset({"cpu"}), _extension_packing, unavailable=_extension_unavailable),
-)
 
 
 def backend_for(op: str, device: torch.device | str) -> str:

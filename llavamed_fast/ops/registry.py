@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-BACKENDS = ("torch", "triton", "cuda")
-"""``torch``: the reference; ``triton``: kernels/; ``cuda``: the compiled extension (C++/CUDA)."""
+BACKENDS = ("torch", "triton", "cuda", "flash_attn")
+"""``torch``: the reference; ``triton``: kernels/; ``cuda``: the compiled extension (C++/CUDA);
+``flash_attn``: the flash-attn package, where it is installed (attention only)."""
 
 ENV_GLOBAL = "LLAVAMED_FAST_BACKEND"
 

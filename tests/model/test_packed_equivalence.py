@@ -111,14 +111,14 @@ def test_attention_goes_through_the_op_registry(data_dir, tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(vqa_rad_conversations(data_dir, count=1, turns=1)))
     batch = collate([LlavaJsonDataset(tmp_path / "data.json", data_dir / "vqa-rad" / "images", processor)[0]])
     with (
-        use_backend(varlen_attention="triton"),
+        use_backend(varlen_attention="cuda"),
         pytest.raises(BackendUnavailableError, match="varlen_attention"),
     ):
         model(batch)
     with use_backend(projector="cuda"), pytest.raises(BackendUnavailableError, match="projector"):
         model(batch)
     with (
-        use_backend(linear_cross_entropy="triton"),
+        use_backend(linear_cross_entropy="cuda"),
         pytest.raises(BackendUnavailableError, match="linear_cross"),
     ):
         model(batch)

@@ -77,10 +77,10 @@ def test_use_backend_overrides_and_restores(monkeypatch):
     with use_backend(packing="torch"):
         assert ops.backend_for("packing", "cpu") == "torch"
         with (
-            use_backend(varlen_attention="triton"),
+            use_backend(projector="triton"),
             pytest.raises(BackendUnavailableError, match="no triton"),
         ):
-            ops.backend_for("varlen_attention", "cpu")
+            ops.backend_for("projector", "cpu")
     assert ops.backend_for("packing", "cpu") == "cuda"
     with pytest.raises(KeyError, match="unknown op"):
         with use_backend(flash="torch"):
@@ -93,7 +93,7 @@ def test_use_backend_overrides_and_restores(monkeypatch):
 def test_public_op_raises_for_requested_missing_backend():
     q = torch.randn(4, 2, 8)
     with (
-        use_backend(varlen_attention="triton"),
+        use_backend(varlen_attention="cuda"),
         pytest.raises(BackendUnavailableError, match="varlen_attention"),
     ):
         ops.varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4)
