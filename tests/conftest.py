@@ -1,19 +1,20 @@
-"""Test settings that must exist before anything imports torch or triton."""
+"""Test settings that must exist before anything defines a Triton kernel."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# Triton kernels run on CPU tensors only under the interpreter, and it must be chosen before the first
-# @triton.jit function is created (later it fails with "0 active drivers").
-os.environ.setdefault("TRITON_INTERPRET", "1")
-# Tiny-model steps get 20-50x slower when parallel test workers each use every core.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter, which must be chosen before the
+# first @triton.jit function is created (later it fails with "0 active drivers"); importing torch creates
+# none. With a GPU they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny-model steps get 20-50x slower when parallel test workers each use every core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -135,6 +135,10 @@ class OpRegistry:
             f"op {name!r} has no usable backend for {device_type} tensors ({'; '.join(reasons) or 'none preferred'})"
         )
 
+    def why_not(self, name: str, backend: str, device_type: str) -> str | None:
+        """None when ``backend`` can run ``name`` on ``device_type`` tensors, else the reason it cannot."""
+        return self._why_not(self._op(name), backend, device_type)
+
     def implementation(self, name: str, backend: str) -> Callable:
         return self._op(name).implementations[backend].load()
 

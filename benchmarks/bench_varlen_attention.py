@@ -1,0 +1,174 @@
+"""varlen_attention: ours vs the torch reference and the best peers on the same device, same run.
+
+Packed rows of LLaVA-Med-like samples (stage-2 length mix of bench_packing.py) filling `--tokens`; 7B
+shapes by default (32 query heads, 8 KV heads as Mistral, head dim 128, bf16). Peers: PyTorch's
+`torch.nn.attention.varlen.varlen_attn` (FlashAttention kernels inside torch), SDPA run per sample, and
+flash-attn's varlen kernel when that package is installed. Forward, backward and both; TFLOP/s count the
+causal half only (4·L²·H·D/2 per sample forward, 2.5x that backward); peak memory above the inputs.
+Last line: JSON with `fwd_bwd_vs_best_peer` (peer time / our time: ≥ 1 means we are faster).
+`--smoke` runs tiny shapes on the CPU (the reference, and Triton under TRITON_INTERPRET=1) to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_packing import stage_lengths
+from harness import measure, report, row
+
+from llavamed_fast import ops
+from llavamed_fast.ops import use_backend
+
+
+def row_lengths(tokens: int, seed: int) -> list[int]:
+    """Sample lengths of one packed row of about `tokens` tokens (the last sample cut to fit)."""
+    lengths, total = [], 0
+    for length in stage_lengths(2, 10_000, seed):
+        length = int(min(length, tokens - total))
+        lengths.append(length)
+        total += length
+        if total >= tokens:
+            break
+    return lengths
+
+
+def peers(q, k, v, cu, max_len, lengths, causal):
+    found = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None and q.is_cuda:
+        params = inspect.signature(varlen_attn).parameters
+        groups = q.shape[1] // k.shape[1]
+        gqa = "enable_gqa" in params
+        # torch 2.11's varlen_attn has no GQA: its KV heads are expanded (that copy is timed too).
+        extra = {"enable_gqa": True} if gqa and groups > 1 else {}
+        extra["window_size"] = (-1, 0) if causal else (-1, -1)
+
+        def torch_varlen(q, k, v):
+            if groups > 1 and not gqa:
+                k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+        found["torch varlen_attn"] = torch_varlen
+
+    def sdpa_per_sample(q, k, v):
+        outs, start = [], 0
+        for length in lengths:
+            s = slice(start, start + length)
+            qs, ks, vs = (t[s].transpose(0, 1) for t in (q, k, v))
+            outs.append(
+                F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True).transpose(0, 1)
+            )
+            start += length
+        return torch.cat(outs)
+
+    found["sdpa per sample"] = sdpa_per_sample
+    if q.is_cuda and ops.REGISTRY.why_not("varlen_attention", "flash_attn", "cuda") is None:
+
+        def flash(q, k, v):
+            with use_backend(varlen_attention="flash_attn"):
+                return ops.varlen_attention(q, k, v, cu, max_len, causal)
+
+        found["flash_attn"] = flash
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--non-causal", action="store_true")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny CPU run that checks the script, not the speed"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.heads, args.kv_heads, args.head_dim, args.dtype, args.repeat = (
+            300,
+            4,
+            2,
+            64,
+            "float32",
+            2,
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = getattr(torch, args.dtype)
+    causal = not args.non_causal
+    lengths = row_lengths(args.tokens, args.seed) if not args.smoke else [37, 1, 200, 62]
+    tokens = sum(lengths)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+    max_len = max(lengths)
+    torch.manual_seed(args.seed)
+    q = torch.randn(tokens, args.heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(tokens, args.kv_heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(tokens, args.kv_heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn(tokens, args.heads, args.head_dim, device=device, dtype=dtype)
+
+    pairs = sum(L * (L + 1) / 2 if causal else L * L for L in lengths)
+    fwd_flops = 4 * pairs * args.heads * args.head_dim
+    candidates = {}
+    triton_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_ok:
+        candidates["ours (triton)"] = lambda q, k, v: _with("triton", q, k, v, cu, max_len, causal)
+    candidates["torch reference"] = lambda q, k, v: _with("torch", q, k, v, cu, max_len, causal)
+    peer_fns = peers(q, k, v, cu, max_len, lengths, causal)
+    candidates.update(peer_fns)
+
+    rows, both = [], {}
+    for name, fn in candidates.items():
+        forward = measure(
+            f"{name} fwd", lambda fn=fn: fn(q, k, v), device, flops=fwd_flops, repeat=args.repeat
+        )
+        out = fn(q, k, v)
+        backward = measure(
+            f"{name} bwd",
+            lambda out=out: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+            device,
+            flops=2.5 * fwd_flops,
+            repeat=args.repeat,
+        )
+        del out
+
+        def step(fn=fn):
+            torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+        total = measure(f"{name} fwd+bwd", step, device, flops=3.5 * fwd_flops, repeat=args.repeat)
+        both[name] = total.median_ms
+        for kind, m in (("fwd", forward), ("bwd", backward), ("fwd+bwd", total)):
+            rows.append(row(m, impl=name, **{"pass": kind}))
+    ours = both.get("ours (triton)")
+    best_peer = min((both[n] for n in peer_fns), default=None)
+    headline = {
+        "fwd_bwd_vs_best_peer": round(best_peer / ours, 3) if ours and best_peer else None,
+        "best_peer": min(peer_fns, key=both.get) if peer_fns else None,
+        "fwd_bwd_vs_reference": round(both["torch reference"] / ours, 3) if ours else None,
+        "tokens": tokens,
+        "samples": len(lengths),
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "dtype": args.dtype,
+        "causal": causal,
+    }
+    report("varlen_attention", device, rows, headline, save=not args.smoke)
+
+
+def _with(backend, q, k, v, cu, max_len, causal):
+    with use_backend(varlen_attention=backend):
+        return ops.varlen_attention(q, k, v, cu, max_len, causal)
+
+
+if __name__ == "__main__":
+    main()

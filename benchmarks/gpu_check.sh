@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check: on a fresh GPU machine with no network, build the extension against the torch that is
+# there, run the GPU tests and every benchmark, and leave the results (device, versions, commit) in
+# $OUT when set (the folder a remote run brings back) or in benchmarks/results/. Budget: 8 minutes on one
+# H100; each stage has its own time limit so that a hang in one still leaves the others' results.
+#   bash benchmarks/gpu_check.sh            # everything
+#   STAGES="build tests" bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+results=${OUT:-benchmarks/results}
+mkdir -p "$results"
+log_file="$results/gpu_check.log"
+export LLAVAMED_FAST_RESULTS="$results"
+# Only the chip at hand: half the compile time of the default sm_80 + sm_90.
+export LLAVAMED_FAST_CUDA_ARCHS=${LLAVAMED_FAST_CUDA_ARCHS:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export LLAVAMED_FAST_COMMIT=${LLAVAMED_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+stages=${STAGES:-"build tests benchmarks"}
+python=${PYTHON:-python3}
+failed=()
+
+say() { echo "[gpu_check +$(($(date +%s) - start))s] $*" | tee -a "$log_file"; }
+run() {  # run LIMIT NAME COMMAND...: time-limited, output to the log and the console
+  local limit=$1 name=$2
+  shift 2
+  say "$name"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log_file"
+  local code=${PIPESTATUS[0]}
+  [ "$code" -eq 0 ] || { failed+=("$name (exit $code)"); say "FAILED: $name (exit $code)"; }
+}
+
+: >"$log_file"
+say "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+$python - <<'PY' 2>&1 | tee -a "$log_file"
+import platform, torch
+import triton, transformers
+print(f"python {platform.python_version()} torch {torch.__version__} cuda {torch.version.cuda} "
+      f"triton {triton.__version__} transformers {transformers.__version__}")
+PY
+
+if [[ " $stages " == *" build "* ]]; then
+  # No network: build against the installed torch, install nothing else.
+  say "build (pip, editable)"
+  if ! timeout 300 $python -m pip install --no-build-isolation --no-deps --no-index -e . >>"$log_file" 2>&1; then
+    # Old setuptools cannot build editable wheels: build in place and map kernels/ by hand.
+    say "pip could not install it editable; building in place"
+    run 300 "build (in place)" $python setup.py build_ext --inplace
+    ln -sfn ../kernels llavamed_fast/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  run 60 "extension has CUDA" $python -c \
+    "from llavamed_fast import _ext, ops; assert _ext.has_cuda(), 'built without CUDA'; print(ops.REGISTRY.describe('cuda'))"
+fi
+
+if [[ " $stages " == *" tests "* ]]; then
+  run 300 "GPU tests" $python -m pytest -q -m gpu -p no:cacheprovider tests
+fi
+
+if [[ " $stages " == *" benchmarks "* ]]; then
+  for bench in varlen_attention linear_cross_entropy projector; do
+    run 150 "bench_$bench" $python benchmarks/bench_$bench.py
+  done
+fi
+
+# A summary of every benchmark's headline (its last output line) next to the raw rows.
+$python - "$log_file" "$results/summary.md" <<'PY'
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+heads = [json.loads(l) for l in lines if l.startswith("{") and l.endswith("}")]
+with open(sys.argv[2], "w") as out:
+    out.write("# GPU check summary\n\n")
+    for h in heads:
+        out.write("- " + json.dumps(h) + "\n")
+print(f"{len(heads)} benchmark headlines -> {sys.argv[2]}")
+PY
+say "done in $(($(date +%s) - start)) s; failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
