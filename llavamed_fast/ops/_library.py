@@ -18,9 +18,9 @@ def _kernels(op: str, backend: str):
     return REGISTRY.implementation(op, backend)
 
 
-def _empty() -> torch.Tensor:
-    # Stands for "no gradient" in the tuple outputs of backward ops, which cannot hold None.
-    return torch.empty(0)
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    # Stands for "no gradient" in the tuple outputs of ops, which cannot hold None (same device as the rest).
+    return like.new_empty(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def projector_backward_op(
     grads = _kernels("projector", backend).backward(
         dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs
     )
-    return tuple(_empty() if g is None else g for g in grads)
+    return tuple(_empty(dy) if g is None else g for g in grads)
 
 
 @projector_backward_op.register_fake
@@ -196,7 +196,11 @@ def linear_cross_entropy_op(
     loss, dhidden, dweight = _kernels("linear_cross_entropy", backend).forward(
         hidden, weight, labels, ignore_index, reduction, needs
     )
-    return loss, _empty() if dhidden is None else dhidden, _empty() if dweight is None else dweight
+    return (
+        loss,
+        _empty(hidden) if dhidden is None else dhidden,
+        _empty(weight) if dweight is None else dweight,
+    )
 
 
 @linear_cross_entropy_op.register_fake

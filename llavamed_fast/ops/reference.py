@@ -255,7 +255,7 @@ def linear_cross_entropy_forward(
     log_probs = torch.log_softmax(logits, dim=-1)
     picked = torch.arange(targets.numel(), device=targets.device)
     loss = -log_probs[picked, targets].sum()
-    scale = 1.0 / supervised.sum().clamp(min=1) if reduction == "mean" else 1.0
+    scale = 1.0 / supervised.sum().clamp(min=1).to(compute) if reduction == "mean" else 1.0
     loss = loss * scale
     dhidden = dweight = None
     if needs[0] or needs[1]:

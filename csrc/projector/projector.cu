@@ -1,0 +1,296 @@
+// Element-wise and copy kernels of the fused projector (declared in projector.h). The GEMMs are cuBLASLt
+// calls in projector_op.cpp; these kernels do what cuBLASLt's epilogues cannot do exactly (the erf GELU
+// and its derivative: cuBLASLt's GELU epilogues use the tanh approximation) and the backward's row moves.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "projector.h"
+
+namespace llavamed_fast::projector {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid-stride loops: 4096 blocks of 256 threads keep every SM of an H100 (132 SMs x 2048 resident
+// threads = 1056 such blocks) busy several times over without a launch per 256 elements.
+constexpr int64_t kMaxBlocks = 4096;
+
+int64_t blocks_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (work + kThreads - 1) / kThreads));
+}
+
+bool aligned(const void* pointer, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;    // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
+
+// The same float32 formulas as torch's GELU kernels (approximate="none"), so a matches F.gelu(h).
+__device__ __forceinline__ float gelu(float x) { return x * 0.5f * (1.0f + erff(x * kSqrtHalf)); }
+
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float cdf = 0.5f * (1.0f + erff(x * kSqrtHalf));
+  const float pdf = expf(-0.5f * x * x) * kInvSqrt2Pi;
+  return cdf + x * pdf;
+}
+
+// kVec elements moved as one aligned load/store (16 bytes of T when the pointers allow it).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__global__ void gelu_forward_kernel(const T* __restrict__ h, T* __restrict__ a, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * kVec;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; i < n; i += step) {
+    if (i + kVec <= n) {
+      const Pack<T, kVec> in = *reinterpret_cast<const Pack<T, kVec>*>(h + i);
+      Pack<T, kVec> out;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        out.v[j] = from_float<T>(gelu(to_float(in.v[j])));
+      }
+      *reinterpret_cast<Pack<T, kVec>*>(a + i) = out;
+    } else {
+      for (int64_t j = i; j < n; ++j) {
+        a[j] = from_float<T>(gelu(to_float(h[j])));
+      }
+    }
+  }
+}
+
+template <typename T, int kVec>
+__global__ void gelu_backward_kernel(const float* __restrict__ da, const T* __restrict__ h,
+                                     T* __restrict__ dh, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * kVec;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; i < n; i += step) {
+    if (i + kVec <= n) {
+      const Pack<float, kVec> grad = *reinterpret_cast<const Pack<float, kVec>*>(da + i);
+      const Pack<T, kVec> in = *reinterpret_cast<const Pack<T, kVec>*>(h + i);
+      Pack<T, kVec> out;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        out.v[j] = from_float<T>(grad.v[j] * gelu_grad(to_float(in.v[j])));
+      }
+      *reinterpret_cast<Pack<T, kVec>*>(dh + i) = out;
+    } else {
+      for (int64_t j = i; j < n; ++j) {
+        dh[j] = from_float<T>(da[j] * gelu_grad(to_float(h[j])));
+      }
+    }
+  }
+}
+
+// Rows are moved as opaque units U (16, 8, 4 or 2 bytes): an image's rows are contiguous, so each image
+// is one contiguous run of tokens * row_units units in src, in gathered and in zeroed.
+template <typename U>
+__global__ void gather_image_rows_kernel(const U* __restrict__ src, int64_t total_rows,
+                                         const int64_t* __restrict__ offsets, int64_t images, int64_t tokens,
+                                         int64_t row_units, U* __restrict__ gathered,
+                                         U* __restrict__ zeroed) {
+  const int64_t image_units = tokens * row_units;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t image = blockIdx.y; image < images; image += gridDim.y) {
+    const int64_t offset = offsets[image];
+    if (offset < 0 || offset > total_rows - tokens) {
+      continue;  // never touch memory outside the tensors; the forward rejected such offsets
+    }
+    const U* from = src + offset * row_units;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < image_units;
+         i += step) {
+      if (gathered != nullptr) {
+        gathered[image * image_units + i] = from[i];
+      }
+      if (zeroed != nullptr) {
+        zeroed[offset * row_units + i] = U{};
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void add_bias_kernel(T* __restrict__ out, int64_t rows, int64_t cols, int64_t ld,
+                                const T* __restrict__ bias) {
+  const int64_t total = rows * cols;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int64_t r = i / cols;
+    const int64_t c = i - r * cols;
+    T& value = out[r * ld + c];
+    value = from_float<T>(to_float(value) + to_float(bias[c]));
+  }
+}
+
+// One block per 32 columns: each of its 8 rows of 32 threads sums every 8th row of the input for one
+// column (a warp reads 32 neighbouring elements), then the block adds up the 8 partial sums.
+constexpr int kSumColumns = 32;
+constexpr int kSumLanes = 8;
+
+template <typename T>
+__global__ void column_sum_kernel(const T* __restrict__ in, int64_t rows, int64_t cols, int64_t ld,
+                                  T* __restrict__ out) {
+  __shared__ float partial[kSumLanes][kSumColumns + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumColumns + threadIdx.x;
+  float sum = 0.0f;
+  if (c < cols) {
+    for (int64_t r = threadIdx.y; r < rows; r += kSumLanes) {
+      sum += to_float(in[r * ld + c]);
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int lane = 0; lane < kSumLanes; ++lane) {
+      total += partial[lane][threadIdx.x];
+    }
+    out[c] = from_float<T>(total);
+  }
+}
+
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch(float{});
+    case DType::kFloat16:
+      return launch(__half{});
+    case DType::kBFloat16:
+      return launch(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStream_t stream) {
+  if (n == 0) {
+    return cudaSuccess;
+  }
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const T* in = static_cast<const T*>(h);
+    T* out = static_cast<T*>(a);
+    if (aligned(in, 16) && aligned(out, 16)) {
+      gelu_forward_kernel<T, kVec><<<blocks_for((n + kVec - 1) / kVec), kThreads, 0, stream>>>(in, out, n);
+    } else {
+      gelu_forward_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(in, out, n);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t gelu_backward(DType dtype, const float* da, const void* h, void* dh, int64_t n,
+                          cudaStream_t stream) {
+  if (n == 0) {
+    return cudaSuccess;
+  }
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const T* in = static_cast<const T*>(h);
+    T* out = static_cast<T*>(dh);
+    if (aligned(in, 16) && aligned(out, 16) && aligned(da, kVec * sizeof(float))) {
+      gelu_backward_kernel<T, kVec>
+          <<<blocks_for((n + kVec - 1) / kVec), kThreads, 0, stream>>>(da, in, out, n);
+    } else {
+      gelu_backward_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(da, in, out, n);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t gather_image_rows(DType dtype, const void* src, int64_t total_rows, const int64_t* offsets,
+                              int64_t images, int64_t tokens, int64_t width, void* gathered, void* zeroed,
+                              cudaStream_t stream) {
+  if (images == 0 || tokens == 0 || width == 0 || (gathered == nullptr && zeroed == nullptr)) {
+    return cudaSuccess;
+  }
+  const int64_t row_bytes = width * element_size(dtype);
+  // The widest unit that divides a row and every base pointer (a row offset is a multiple of a row).
+  int64_t unit = 16;
+  while (unit > 2 &&
+         (row_bytes % unit != 0 || !aligned(src, unit) || (gathered != nullptr && !aligned(gathered, unit)) ||
+          (zeroed != nullptr && !aligned(zeroed, unit)))) {
+    unit /= 2;
+  }
+  const int64_t row_units = row_bytes / unit;
+  const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(images, 65535));
+  const int64_t grid_x = std::max<int64_t>(1, std::min(blocks_for(tokens * row_units), kMaxBlocks / grid_y));
+  const dim3 grid(static_cast<unsigned>(grid_x), grid_y);
+  auto launch = [&](auto tag) {
+    using U = decltype(tag);
+    gather_image_rows_kernel<U>
+        <<<grid, kThreads, 0, stream>>>(static_cast<const U*>(src), total_rows, offsets, images, tokens,
+                                        row_units, static_cast<U*>(gathered), static_cast<U*>(zeroed));
+    return cudaGetLastError();
+  };
+  switch (unit) {
+    case 16:
+      return launch(uint4{});
+    case 8:
+      return launch(uint2{});
+    case 4:
+      return launch(uint32_t{});
+    default:
+      return launch(uint16_t{});
+  }
+}
+
+cudaError_t add_bias(DType dtype, void* out, int64_t rows, int64_t cols, int64_t ld, const void* bias,
+                     cudaStream_t stream) {
+  if (rows == 0 || cols == 0) {
+    return cudaSuccess;
+  }
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    add_bias_kernel<T><<<blocks_for(rows * cols), kThreads, 0, stream>>>(static_cast<T*>(out), rows, cols, ld,
+                                                                         static_cast<const T*>(bias));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t column_sum(DType dtype, const void* in, int64_t rows, int64_t cols, int64_t ld, void* out,
+                       cudaStream_t stream) {
+  if (cols == 0) {
+    return cudaSuccess;
+  }
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned grid = static_cast<unsigned>((cols + kSumColumns - 1) / kSumColumns);
+    column_sum_kernel<T><<<grid, dim3(kSumColumns, kSumLanes), 0, stream>>>(static_cast<const T*>(in), rows,
+                                                                            cols, ld, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace llavamed_fast::projector
