@@ -6,19 +6,23 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
 
 def run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "llavamed_fast", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    # From an empty folder, so that the installed package runs, not the source tree beside the tests.
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run(
+            [sys.executable, "-m", "llavamed_fast", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
 
 
 def test_init_writes_a_loadable_checkpoint(tmp_path):
