@@ -119,6 +119,7 @@ class LlavaJsonDataset(Dataset):
         max_length: token limit per sample (default: the model's context). Longer samples lose their
             tail; a sample whose image tokens would be cut is an error.
         max_image_pixels: images larger than this are refused as decompression bombs.
+        max_records: read only the first N records (0: all).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class LlavaJsonDataset(Dataset):
         bad_images: str = "raise",
         max_length: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_records: int = 0,
     ) -> None:
         if bad_images not in ("raise", "skip"):
             raise ValueError(f"bad_images must be 'raise' or 'skip', got {bad_images!r}")
@@ -140,6 +142,8 @@ class LlavaJsonDataset(Dataset):
         self.max_length = max_length or processor.max_length
         self.max_image_pixels = max_image_pixels
         self.records = read_records(self.path)
+        if max_records:
+            self.records = self.records[:max_records]
         self.stats = DatasetStats(records=len(self.records))
         self._encoded = [self._encode(record) for record in self.records]
         self.lengths = np.array([len(e.input_ids) for e in self._encoded], dtype=np.int64)

@@ -80,13 +80,18 @@ class LlavaMed(nn.Module):
         )
         self.language_model = language_model
         self.language_model.set_attn_implementation(attention.register())
-        if config.freeze_vision:
-            self.vision_tower.requires_grad_(False)
-            self.vision_tower.eval()
+        self.vision_frozen = False
+        self.set_vision_trainable(not config.freeze_vision)
+
+    def set_vision_trainable(self, trainable: bool) -> None:
+        """Frozen (the default): no gradients, run without autograd and always in eval mode."""
+        self.vision_frozen = not trainable
+        self.vision_tower.requires_grad_(trainable)
+        self.vision_tower.train(self.training and trainable)
 
     def train(self, mode: bool = True) -> LlavaMed:
         super().train(mode)
-        if self.config.freeze_vision:
+        if self.vision_frozen:
             self.vision_tower.eval()  # frozen means frozen: no dropout or other train-mode behaviour either
         return self
 
@@ -97,7 +102,7 @@ class LlavaMed(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, P, C]``: the vision tower's ``vision_feature_layer`` hidden states without CLS."""
         dtype = next(self.vision_tower.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         return outputs.hidden_states[self.config.vision_feature_layer][:, 1:]
 

@@ -1,0 +1,294 @@
+"""Typed training configuration: a run is a model and a curriculum of stages, validated on construction.
+
+A recipe (``recipes.py``) returns a full :class:`RunConfig`; the command line overrides single fields with
+``--set path=value`` (``seed=1``, ``stages.1.lr=1e-4``, ``stages.instruct.epochs=1``,
+``stages.*.zero_stage=2``). The resolved config is saved as ``config.json`` in the run directory, and a
+resumed run must match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class Trainable(str, enum.Enum):
+    """Parameter groups a stage can train; everything else is frozen for that stage."""
+
+    PROJECTOR = "projector"  # multi_modal_projector
+    IMAGE_TOKENS = "image_tokens"  # the <im_start>/<im_end> embedding rows (v0), nothing else of the LLM
+    LLM = "llm"  # the whole language model (or its LoRA adapters when the stage uses LoRA)
+    VISION = "vision"  # the vision tower (LLaVA-Med keeps it frozen)
+
+
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"  # linear warmup, then cosine decay to 0 (LLaVA / LLaVA-Med)
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class DataKind(str, enum.Enum):
+    LLAVA_JSON = "llava_json"  # a LLaVA JSON / JSONL file + an image folder
+    SYNTHETIC = "synthetic"  # generated scans with captions/conversations (offline demo and tests)
+    VQA_RAD = "vqa_rad"  # the data_RAD split of VQA-RAD (trainset.json + images/)
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.LLAVA_JSON
+    path: str = ""  # LLaVA JSON(L) file, or the VQA-RAD folder
+    image_folder: str = ""
+    synthetic_task: str = "conversations"  # synthetic: "captions" (stage 1) or "conversations" (stage 2)
+    synthetic_count: int = 0
+    synthetic_seed: int = 0
+    max_samples: int = 0  # 0: all
+    bad_images: str = "raise"  # or "skip": leave bad samples out, counted in the run summary
+
+    def __post_init__(self) -> None:
+        self.kind = DataKind(self.kind)
+        if self.kind is DataKind.LLAVA_JSON and not self.path:
+            raise ValueError("data.path is required for llava_json data")
+        if self.kind is DataKind.SYNTHETIC and self.synthetic_count <= 0:
+            raise ValueError("data.synthetic_count must be positive for synthetic data")
+        if self.synthetic_task not in ("captions", "conversations"):
+            raise ValueError(
+                f"data.synthetic_task must be 'captions' or 'conversations', got {self.synthetic_task!r}"
+            )
+        if self.bad_images not in ("raise", "skip"):
+            raise ValueError(f"data.bad_images must be 'raise' or 'skip', got {self.bad_images!r}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+
+@dataclass
+class StageConfig:
+    """One stage of the curriculum: what trains, on which data, for how long, at which rate."""
+
+    name: str
+    data: DataConfig
+    trainable: tuple[Trainable, ...]
+    lr: float
+    global_batch_size: int  # samples per optimizer step (all ranks together; see batches.py for rounding)
+    micro_batch_tokens: int  # token budget of one packed row (one micro-batch)
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: as many as the epochs give
+    warmup_ratio: float = 0.03
+    schedule: Schedule = Schedule.COSINE
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    zero_stage: int = 0  # 0: plain data parallel; 2 or 3: DeepSpeed ZeRO
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.trainable = tuple(Trainable(t) for t in self.trainable)
+        self.schedule = Schedule(self.schedule)
+        if not self.trainable:
+            raise ValueError(f"stage {self.name!r} trains nothing")
+        if self.lora is not None and Trainable.LLM not in self.trainable:
+            raise ValueError(f"stage {self.name!r}: LoRA adapts the LLM, so it needs 'llm' in trainable")
+        checks = [
+            (self.lr > 0, "lr must be positive"),
+            (self.global_batch_size > 0, "global_batch_size must be positive"),
+            (self.micro_batch_tokens > 0, "micro_batch_tokens must be positive"),
+            (self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be positive"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.zero_stage in (0, 2, 3), "zero_stage must be 0, 2 or 3"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"stage {self.name!r}: {message}")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run: the model, the stages in order, and run-wide settings."""
+
+    recipe: str
+    model: str  # a model preset name or a checkpoint directory (HF LLaVA layout)
+    stages: tuple[StageConfig, ...]
+    seed: int = 0
+    dtype: str = "bfloat16"  # compute dtype on GPUs; CPUs run float32
+    checkpoint_every: int = 500  # optimizer steps
+    keep_last: int = 2  # checkpoints kept (stage-boundary checkpoints are kept too)
+    log_every: int = 1
+    peak_tflops: float = 0.0  # dense bf16 peak per device for MFU; 0: looked up from the device name
+    feature_cache: bool = False  # precompute the frozen vision tower's features once (memory-mapped)
+    nan_limit: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    num_workers: int = 0  # data loader workers per rank
+    rows_multiple: int = (
+        0  # rows per step are a multiple of this (0: the number of processes); see batches.py
+    )
+    inject_nan_at: tuple[int, ...] = ()  # fault injection: make the loss NaN at these global steps (1-based)
+    tensorboard: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ValueError(f"recipe {self.recipe!r} has no stages")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.rows_multiple < 0:
+            raise ValueError("rows_multiple must be >= 0")
+        if self.checkpoint_every <= 0 or self.keep_last <= 0 or self.nan_limit <= 0:
+            raise ValueError("checkpoint_every, keep_last and nan_limit must be positive")
+
+    def stage_index(self, name: str) -> int:
+        for index, stage in enumerate(self.stages):
+            if stage.name == name:
+                return index
+        raise KeyError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        return _build(cls, data, "config")
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Construct dataclass ``cls`` from plain data, checking field names and types."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+    return cls(**{name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()})
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _coerce(options[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError as error:
+            raise ValueError(f"{where}: {value!r} is not one of {[m.value for m in hint]}") from error
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if (hint in (int, str) and not isinstance(value, hint)) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --set path=value
+
+
+def _parse_value(text: str) -> Any:
+    """JSON when it parses (numbers, true/false, null, lists, objects), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A new config with each ``path=value`` applied; paths are dotted field names, stage names or
+    indices, and ``*`` for every stage."""
+    data = config.to_dict()
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set expects path=value, got {override!r}")
+        _assign(data, path.split("."), _parse_value(text), override)
+    return RunConfig.from_dict(data)
+
+
+def _assign(node: Any, keys: list[str], value: Any, override: str, *, new: bool = False) -> None:
+    """Set ``value`` at ``keys`` in plain config data. ``new``: ``node`` was None (an optional section such
+    as ``lora``) and is being created, so its fields are not known here; building the config checks them."""
+    key, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if key == "*":
+            targets = node
+        elif key.isdigit() and int(key) < len(node):
+            targets = [node[int(key)]]
+        else:
+            targets = [s for s in node if isinstance(s, dict) and s.get("name") == key]
+        if not targets:
+            raise ValueError(f"--set {override}: no element {key!r}")
+        if not rest:
+            raise ValueError(f"--set {override}: cannot replace a whole list element")
+        for target in targets:
+            _assign(target, rest, value, override)
+        return
+    if not isinstance(node, dict) or (key not in node and not new):
+        raise ValueError(f"--set {override}: unknown field {key!r}")
+    if not rest:
+        node[key] = value
+        return
+    created = node.get(key) is None
+    if created:
+        node[key] = {}
+    _assign(node[key], rest, value, override, new=created)
+
+
+__all__ = [
+    "DataConfig",
+    "DataKind",
+    "LoraConfig",
+    "RunConfig",
+    "Schedule",
+    "StageConfig",
+    "Trainable",
+    "apply_overrides",
+]

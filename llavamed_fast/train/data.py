@@ -1,0 +1,48 @@
+"""A stage's dataset, from its DataConfig: LLaVA JSON files, synthetic scans, or VQA-RAD."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llavamed_fast.data.dataset import LlavaJsonDataset
+from llavamed_fast.train.config import DataConfig, DataKind
+from llavamed_fast.train.dist import Dist
+
+
+def stage_dataset(data: DataConfig, processor, run_dir: Path, dist: Dist) -> LlavaJsonDataset:
+    """Generated files (synthetic data, converted VQA sets) go to ``<run>/data``, written by the main
+    rank while the others wait; every rank then reads the same files."""
+    folder = run_dir / "data"
+    if dist.is_main:
+        path, images = _materialise(data, folder)
+    dist.barrier()
+    if not dist.is_main:
+        path, images = _materialise(data, folder)  # files exist now: this only computes the paths
+    return LlavaJsonDataset(path, images, processor, bad_images=data.bad_images, max_records=data.max_samples)
+
+
+def _materialise(data: DataConfig, folder: Path) -> tuple[Path, Path]:
+    if data.kind is DataKind.LLAVA_JSON:
+        path = Path(data.path)
+        return path, Path(data.image_folder) if data.image_folder else path.parent
+    if data.kind is DataKind.SYNTHETIC:
+        from llavamed_fast.data.synthetic import make_dataset
+
+        out = folder / "synthetic"
+        path = make_dataset(
+            out, task=data.synthetic_task, count=data.synthetic_count, seed=data.synthetic_seed
+        )
+        return path, out / "images"
+    from llavamed_fast.data.vqa import vqa_rad_conversations
+
+    root = Path(data.path)
+    path = folder / "vqa_rad_train.json"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        # One question per record, as LLaVA-Med fine-tuned on VQA-RAD.
+        records = vqa_rad_conversations(root, split="train", turns=1)
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps(records))
+        staging.replace(path)
+    return path, root / "images"

@@ -1,0 +1,287 @@
+"""The training loop: build, then for each stage of the curriculum: set what trains, plan the steps,
+step, log, checkpoint. Parallelism, checkpoints, metrics and data each live in their own module."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from llavamed_fast.data.batch import PackedBatch
+from llavamed_fast.data.dataset import SkipCounter
+from llavamed_fast.data.packing import collate
+from llavamed_fast.data.templates import IGNORE_INDEX
+from llavamed_fast.model import build, load_pretrained, save_pretrained
+from llavamed_fast.model.config import PRESETS
+from llavamed_fast.train import checkpoint as ckpt
+from llavamed_fast.train import dist as dist_mod
+from llavamed_fast.train.batches import Step, plan_stage
+from llavamed_fast.train.config import RunConfig, StageConfig, Trainable
+from llavamed_fast.train.data import stage_dataset
+from llavamed_fast.train.engine import PlainEngine
+from llavamed_fast.train.flops import batch_flops, peak_tflops
+from llavamed_fast.train.metrics import RunMetrics
+from llavamed_fast.train.trainable import StageParameters, apply_lora, merge_lora
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); a checkpoint was written first."""
+
+
+def count_targets(batch: PackedBatch) -> int:
+    """Supervised targets the loss sees: labels other than -100, except each sample's first token, which
+    nothing before it predicts (the model shifts within samples)."""
+    valid = batch.labels != IGNORE_INDEX
+    if batch.num_tokens:
+        valid[batch.cu_seqlens[:-1].long()] = False
+    return int(valid.sum())
+
+
+def steps_of(dataset, steps: Sequence[Step], dist, num_workers: int) -> Iterator[list[PackedBatch]]:
+    """This rank's micro-batches, step by step (rows are loaded and collated by a DataLoader)."""
+    mine = [step.rows_for(dist.rank, dist.world_size) for step in steps]
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[list(row) for rows in mine for row in rows],
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    for rows in mine:
+        yield [next(batches) for _ in rows]
+
+
+def make_engine(model, parameters, stage: StageConfig, total_steps: int, dist, dtype):
+    if stage.zero_stage == 0:
+        return PlainEngine(model, parameters, stage, total_steps, dist, dtype=dtype)
+    from llavamed_fast.train.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, parameters, stage, total_steps, dist, dtype=dtype)
+
+
+class Trainer:
+    def __init__(
+        self, config: RunConfig, run_dir: Path, dist, *, resume: bool, start_stage: str | None
+    ) -> None:
+        self.config, self.run_dir, self.dist = config, run_dir, dist
+        self.dtype = DTYPES[config.dtype] if dist.device.type == "cuda" else torch.float32
+        self._prepare_run_dir(resume)
+        self.checkpoint = ckpt.latest(run_dir) if resume else None
+        if self.checkpoint is not None:
+            self.state = ckpt.read_state(self.checkpoint)
+        else:
+            self.state = ckpt.TrainerState(stage_index=config.stage_index(start_stage) if start_stage else 0)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        if config.model in PRESETS:
+            self.model, self.processor = build(config.model, seed=config.seed)
+        else:
+            self.model, self.processor = load_pretrained(config.model, dtype=torch.float32)
+        if self.checkpoint is not None:
+            stage = config.stages[self.state.stage_index]
+            if not self.state.stage_done and stage.lora is not None:
+                apply_lora(self.model, stage.lora)  # the checkpoint holds the adapters of this stage
+            ckpt.load_model(self.checkpoint, self.model)
+            ckpt.load_rng(self.checkpoint, dist)
+        self.model.to(dist.device)
+        self.metrics = RunMetrics(
+            run_dir,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            peak_tflops=config.peak_tflops or peak_tflops(dist.device, self.dtype),
+            tensorboard=config.tensorboard,
+            plots=config.plots,
+            resume_step=self.state.global_step if self.checkpoint is not None else None,
+        )
+        self.skips = SkipCounter()
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        saved = self.run_dir / "config.json"
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if saved.exists():
+                if not resume:
+                    raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it")
+                if json.loads(saved.read_text()) != self.config.to_dict():
+                    raise ValueError(
+                        f"{saved} differs from this run's config; a resumed run must use the same one"
+                    )
+            else:
+                saved.write_text(self.config.to_json())
+        self.dist.barrier()
+
+    def fit(self) -> Path:
+        for index in range(self.state.stage_index, len(self.config.stages)):
+            if index == self.state.stage_index and self.state.stage_done:
+                continue
+            self._run_stage(index)
+        final = self.run_dir / "model"
+        if self.dist.is_main:
+            save_pretrained(self.model, self.processor, final, overwrite=True)
+            self.metrics.event("run_end", model=str(final), skipped_steps=self.state.skipped_steps)
+        self.metrics.close()
+        self.dist.barrier()
+        return final
+
+    def _run_stage(self, index: int) -> None:
+        config, stage, dist = self.config, self.config.stages[index], self.dist
+        resuming = (
+            self.checkpoint is not None and self.state.stage_index == index and self.state.stage_step > 0
+        )
+        if self.state.stage_index != index or self.state.stage_done:
+            self.state = ckpt.TrainerState(
+                stage_index=index, global_step=self.state.global_step, skipped_steps=self.state.skipped_steps
+            )
+        params = StageParameters(self.model, stage, self.processor)
+        llm = self.model.language_model
+        if stage.gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif llm.is_gradient_checkpointing:
+            llm.gradient_checkpointing_disable()
+        dataset = stage_dataset(stage.data, self.processor, self.run_dir, dist)
+        plan = plan_stage(
+            dataset.lengths,
+            budget=stage.micro_batch_tokens,
+            global_batch_size=stage.global_batch_size,
+            rows_multiple=config.rows_multiple or dist.world_size,
+            seed=config.seed + index,
+            epochs=stage.epochs,
+            max_steps=stage.max_steps,
+        )
+        engine = make_engine(self.model, params.parameters(), stage, len(plan), dist, self.dtype)
+        if resuming:
+            engine.load(self.checkpoint)
+        self.metrics.start_stage(stage.name, len(plan), samples=len(dataset))
+        self.model.train()
+        trains = set(stage.trainable)
+        for batches in steps_of(dataset, plan[self.state.stage_step :], dist, config.num_workers):
+            self._step(engine, params, stage, batches, trains, last=self.state.stage_step + 1 == len(plan))
+        engine.close()  # the model holds the stage's full trained weights again
+        params.close()
+        merge_lora(self.model)
+        self.state.stage_done = True
+        ckpt.save(
+            self.run_dir,
+            f"stage-{index}-{stage.name}",
+            model_state=self.model.state_dict() if dist.is_main else None,
+            engine=None,
+            state=self.state,
+            dist=dist,
+            keep_last=config.keep_last,
+        )
+        if dist.is_main:
+            save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
+        self.metrics.end_stage(stage.name, skipped=self.skips.summary())
+
+    def _step(
+        self, engine, params, stage: StageConfig, batches: list[PackedBatch], trains, *, last: bool
+    ) -> None:
+        config, dist, device = self.config, self.dist, self.dist.device
+        started = time.perf_counter()
+        for batch in batches:
+            self.skips.add(batch)
+        flops = sum(
+            batch_flops(
+                self.model,
+                b,
+                llm_trainable=Trainable.LLM in trains,
+                projector_trainable=Trainable.PROJECTOR in trains,
+                vision_trainable=Trainable.VISION in trains,
+            )
+            for b in batches
+            if b.num_tokens
+        )
+        local = [sum(count_targets(b) for b in batches), sum(b.num_tokens for b in batches)]
+        local += [sum(b.num_samples for b in batches), flops]
+        targets, tokens, samples, flops = dist.sum(local)
+        # Each micro-batch's summed loss over the step's targets; x world size because data-parallel
+        # engines average gradients over ranks.
+        scale = dist.world_size / max(targets, 1)
+        inject = self.state.global_step + 1 in config.inject_nan_at
+        lr = engine.lr()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, batch in enumerate(batches):
+            with engine.micro_batch(last=i == len(batches) - 1):
+                if batch.num_tokens == 0:
+                    # Every sample of this row was skipped: a zero loss that touches every trainable
+                    # parameter keeps the ranks' gradient reductions in step.
+                    loss = sum(p.reshape(-1)[0] * 0 for p in params.parameters())
+                else:
+                    loss = engine.forward(batch.to(device, non_blocking=True), reduction="sum").loss
+                if inject:
+                    loss = loss * float("nan")
+                engine.backward(loss * scale)
+            loss_sum += loss.detach().double()
+        loss = dist.sum([float(loss_sum)])[0] / max(targets, 1)
+        if math.isfinite(loss):
+            result = engine.step()
+            stepped, grad_norm = result.stepped, result.grad_norm
+        else:
+            engine.skip()
+            stepped, grad_norm = False, float("nan")
+        self.state.stage_step += 1
+        self.state.global_step += 1
+        if stepped:
+            self.state.consecutive_skips = 0
+        else:
+            self.state.consecutive_skips += 1
+            self.state.skipped_steps += 1
+            self.metrics.event("skipped_step", step=self.state.global_step, loss=loss, grad_norm=grad_norm)
+        memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        self.metrics.log_step(
+            step=self.state.global_step,
+            stage=stage.name,
+            stage_step=self.state.stage_step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=int(tokens),
+            samples=int(samples),
+            supervised_tokens=int(targets),
+            flops=flops,
+            seconds=time.perf_counter() - started,
+            skipped=not stepped,
+            memory_bytes=memory,
+        )
+        if self.state.consecutive_skips >= config.nan_limit:
+            self._save_step(engine)
+            message = (
+                f"stopped after {self.state.consecutive_skips} consecutive steps with a non-finite loss or gradient "
+                f"(stage {stage.name!r}, step {self.state.global_step}); checkpoint written. Lower the learning "
+                "rate or check the data, then resume with --resume."
+            )
+            self.metrics.event("run_stopped", reason=message)
+            self.metrics.close()
+            raise RunStopped(message)
+        if self.state.global_step % config.checkpoint_every == 0 and not last:
+            self._save_step(engine)
+
+    def _save_step(self, engine) -> None:
+        path = ckpt.save(
+            self.run_dir,
+            f"step-{self.state.global_step:08d}",
+            model_state=engine.model_state_dict(),
+            engine=engine,
+            state=self.state,
+            dist=self.dist,
+            keep_last=self.config.keep_last,
+        )
+        self.metrics.event("checkpoint", step=self.state.global_step, path=str(path))
+
+
+def train(config: RunConfig, run_dir: Path, *, resume: bool = False, start_stage: str | None = None) -> Path:
+    """Run the curriculum; returns the directory of the final model (HF LLaVA layout)."""
+    dist = dist_mod.init()
+    try:
+        return Trainer(config, Path(run_dir), dist, resume=resume, start_stage=start_stage).fit()
+    finally:
+        dist_mod.shutdown()

@@ -1,0 +1,215 @@
+"""The curriculum loop in one process: both stages, exact resume after SIGKILL, stage freezing, the loss
+normalisation, the non-finite-step guard and LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llavamed_fast.data.packing import collate
+from llavamed_fast.model import build, load_pretrained
+from llavamed_fast.train.batches import plan_stage
+from llavamed_fast.train.config import apply_overrides
+from llavamed_fast.train.data import stage_dataset
+from llavamed_fast.train.dist import Dist
+from llavamed_fast.train.loop import count_targets
+from llavamed_fast.train.recipes import get_recipe
+
+SHORT = ["stages.alignment.max_steps=8", "stages.instruct.max_steps=6", "checkpoint_every=4", "plots=false"]
+
+
+def command(out: Path, *overrides: str, recipe: str = "tiny", resume: bool = False) -> list[str]:
+    args = [sys.executable, "-m", "llavamed_fast.train", "--recipe", recipe, "--out", str(out)]
+    for override in overrides:
+        args += ["--set", override]
+    return args + (["--resume"] if resume else [])
+
+
+def environment() -> dict[str, str]:
+    # One thread: CPU matmuls are then bitwise repeatable from run to run.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+
+
+def run(
+    out: Path, *overrides: str, recipe: str = "tiny", resume: bool = False
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(out, *overrides, recipe=recipe, resume=resume),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=False,
+        cwd=out.parent,
+    )
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> list[tuple[int, str, float]]:
+    return [(r["step"], r["stage"], r["loss"]) for r in records(out) if "event" not in r]
+
+
+def test_tiny_recipe_runs_the_curriculum(tmp_path):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    result = run(out)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = step_losses(out)
+    assert len(steps) >= 40, f"{len(steps)} optimizer steps"
+    assert [s for s, _, _ in steps] == list(range(1, len(steps) + 1))
+    stages = [stage for _, stage, _ in steps]
+    assert stages[0] == "alignment" and stages[-1] == "instruct" and stages == sorted(stages)  # in order
+    saved = [r["step"] for r in records(out) if r.get("event") == "checkpoint"]
+    assert saved and all(b - a <= 10 for a, b in zip([0, *saved], saved, strict=False))
+    assert all(torch.isfinite(torch.tensor(loss)) for _, _, loss in steps)
+    first, last = steps[0][2], steps[-1][2]
+    assert last < first, (first, last)  # it learns something
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == "tiny" and len(config["stages"]) == 2
+    for stage in ("alignment", "instruct"):
+        assert (out / "stages" / stage / "config.json").exists()
+        assert (out / "plots" / f"{stage}.png").exists()
+    model, _ = load_pretrained(out / "model")
+    assert model.config.name == "tiny-v1.5"
+    print(f"tiny recipe: {len(steps)} steps in {seconds:.1f} s")
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+    overrides = [*SHORT, "checkpoint_every=3", "tensorboard=false"]
+    whole = tmp_path / "whole"
+    assert run(whole, *overrides).returncode == 0
+    expected = step_losses(whole)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(killed, *overrides), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    # Kill it somewhere in stage 1 after a checkpoint but between two of them: after step 7 (checkpoints
+    # at 3 and 6), so the resumed run must recompute step 7 and rewrite its line.
+    while time.monotonic() < deadline:
+        if metrics.exists() and sum('"step": 7,' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = step_losses(killed)
+    assert 7 <= len(before) < len(expected)
+
+    resumed = run(killed, *overrides, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step_losses(killed) == expected  # exactly: same floats, same steps, no duplicated lines
+
+
+def test_rerun_without_resume_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "stages.alignment.max_steps=1", "stages.instruct.max_steps=1").returncode == 0
+    again = run(out, "stages.alignment.max_steps=1", "stages.instruct.max_steps=1")
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    changed = run(out, "stages.alignment.max_steps=2", "stages.instruct.max_steps=1", resume=True)
+    assert changed.returncode != 0 and "differs from this run's config" in changed.stderr
+
+
+def test_stages_train_only_what_they_name(tmp_path):
+    out = tmp_path / "v0"
+    result = run(out, *SHORT, recipe="tiny-v0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = build("tiny-v0", seed=0)[0].state_dict()
+    after_1 = load_file(out / "checkpoints" / "stage-0-alignment" / "model.safetensors")
+    after_2 = load_file(out / "checkpoints" / "stage-1-instruct" / "model.safetensors")
+    _, processor = build("tiny-v0", seed=0)
+    image_rows = processor.tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+
+    def changed(a, b, name):
+        return not torch.equal(a[name], b[name])
+
+    embed = "language_model.model.embed_tokens.weight"
+    for name in initial:
+        if name.startswith("vision_tower."):
+            assert not changed(initial, after_1, name) and not changed(after_1, after_2, name), name
+        elif name.startswith("multi_modal_projector."):
+            assert changed(initial, after_1, name) and changed(after_1, after_2, name), name
+        elif name == embed:
+            rows = torch.zeros(initial[name].shape[0], dtype=torch.bool)
+            rows[image_rows] = True
+            delta = (after_1[name] - initial[name]).abs().sum(1)
+            assert (delta[rows] > 0).all() and (
+                delta[~rows] == 0
+            ).all()  # only <im_start>/<im_end> in stage 1
+        elif name.startswith("language_model."):
+            assert not changed(initial, after_1, name), name  # the LLM is frozen in stage 1
+    llm = [n for n in initial if n.startswith("language_model.") and n != embed]
+    assert all(changed(after_1, after_2, n) for n in llm if "norm" not in n)  # and trains in stage 2
+
+
+def test_loss_is_the_mean_over_the_global_batch(tmp_path):
+    """The first logged loss equals the token-weighted mean over every row of the first step, computed
+    here independently from the initial model and the plan."""
+    out = tmp_path / "run"
+    assert run(out, "stages.alignment.max_steps=1", "stages.instruct.max_steps=1").returncode == 0
+    logged = step_losses(out)[0][2]
+    config = apply_overrides(get_recipe("tiny"), [])
+    stage = config.stages[0]
+    model, processor = build("tiny-v1.5", seed=0)
+    dataset = stage_dataset(stage.data, processor, out, Dist(0, 1, 0, torch.device("cpu")))
+    plan = plan_stage(
+        dataset.lengths,
+        budget=stage.micro_batch_tokens,
+        global_batch_size=stage.global_batch_size,
+        rows_multiple=1,
+        seed=config.seed,
+        epochs=stage.epochs,
+    )
+    rows = [collate([dataset[i] for i in row]) for row in plan[0].rows]
+    assert len(rows) > 1  # several micro-batches, so the normalisation matters
+    with torch.no_grad():
+        total = sum(model(b, reduction="sum").loss.double() for b in rows)
+    expected = float(total / sum(count_targets(b) for b in rows))
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    out = tmp_path / "one"
+    result = run(out, *SHORT, "inject_nan_at=[3]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in records(out) if "event" not in r]
+    assert [r["skipped"] for r in steps[:4]] == [False, False, True, False]
+    assert [r["step"] for r in records(out) if r.get("event") == "skipped_step"] == [3]
+
+    stopped = tmp_path / "stopped"
+    result = run(stopped, *SHORT, "inject_nan_at=[2,3,4]", "nan_limit=3")
+    assert result.returncode == 3 and "3 consecutive steps with a non-finite loss" in result.stderr
+    assert (stopped / "checkpoints" / "step-00000004" / "COMPLETE").exists()  # a checkpoint first
+    assert [r for r in records(stopped) if r.get("event") == "run_stopped"]
+    # The parameters did not move in the skipped steps.
+    before = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in before.values())
+
+
+def test_lora_stage_merges_adapters_on_export(tmp_path):
+    out = tmp_path / "lora"
+    result = run(out, *SHORT, "stages.instruct.lora.r=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(out / "checkpoints" / "stage-0-alignment" / "model.safetensors")
+    after = load_file(out / "checkpoints" / "stage-1-instruct" / "model.safetensors")
+    assert not any("lora" in n for n in after)  # merged: plain weights only
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[q], after[q])  # the adapters moved the targeted weights
+    norm = "language_model.model.layers.0.input_layernorm.weight"
+    assert torch.equal(before[norm], after[norm])  # and nothing outside them
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(out / "model")
