@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from llavamed_fast.data.batch import PackedBatch, SkippedSample
@@ -172,24 +174,40 @@ class LlavaJsonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample | SkippedSample:
-        record, encoded = self.records[index], self._encoded[index]
+    def image_paths(self, index: int) -> list[Path]:
+        return [self.image_folder / name for name in self.records[index].images]
+
+    def load_images(self, index: int) -> list[Image.Image] | SkippedSample:
+        """The record's decoded images, or (skip policy) why they cannot be used."""
+        record = self.records[index]
         images = []
-        for name in record.images:
-            path = self.image_folder / name
+        for path in self.image_paths(index):
             try:
                 images.append(load_image(path, record=record.id, max_pixels=self.max_image_pixels))
             except ImageError as error:
                 if self.bad_images == "raise":
                     raise
                 return SkippedSample(record.id, str(path), error.reason)
+        return images
+
+    def sample(
+        self, index: int, *, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> Sample:
+        encoded = self._encoded[index]
         return Sample(
-            id=record.id,
+            id=self.records[index].id,
             input_ids=encoded.input_ids,
             labels=encoded.labels,
             image_starts=encoded.image_starts,
-            pixel_values=self.processor.preprocess_images(images),
+            pixel_values=pixel_values,
+            image_features=image_features,
         )
+
+    def __getitem__(self, index: int) -> Sample | SkippedSample:
+        images = self.load_images(index)
+        if isinstance(images, SkippedSample):
+            return images
+        return self.sample(index, pixel_values=self.processor.preprocess_images(images))
 
 
 @dataclass

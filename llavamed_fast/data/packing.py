@@ -27,7 +27,8 @@ class Sample:
     input_ids: np.ndarray  # [L] int64
     labels: np.ndarray  # [L] int64
     image_starts: np.ndarray  # [n] int64, first token of each image within the sample
-    pixel_values: torch.Tensor  # [n, 3, H, W] float32
+    pixel_values: torch.Tensor | None  # [n, 3, H, W] float32, or None with image_features
+    image_features: torch.Tensor | None = None  # [n, P, C] cached vision-tower features
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -66,7 +67,11 @@ def collate(
     image_offsets = np.concatenate(
         [s.image_starts + offsets[i] for i, s in enumerate(real)] or [np.zeros(0, np.int64)]
     )
-    with_images = [s.pixel_values for s in real if s.pixel_values.shape[0]]
+    cached = [s.image_features is not None for s in real if len(s.image_starts)]
+    if any(cached) and not all(cached):
+        raise ValueError("a row mixes samples with pixel values and samples with cached features")
+    features = [s.image_features for s in real if len(s.image_starts)] if any(cached) else []
+    with_images = [] if features else [s.pixel_values for s in real if len(s.image_starts)]
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids.astype(np.int64, copy=False)),
         labels=torch.from_numpy(labels.astype(np.int64, copy=False)),
@@ -75,6 +80,7 @@ def collate(
         max_seqlen=max(segments, default=0),
         image_offsets=torch.from_numpy(image_offsets.astype(np.int64, copy=False)),
         pixel_values=torch.cat(with_images) if with_images else None,
+        image_features=torch.cat(features) if features else None,
         sample_ids=tuple(s.id for s in real),
         num_samples=len(real),
         skipped=skipped,

@@ -20,6 +20,7 @@ from llavamed_fast.model import build, load_pretrained, save_pretrained
 from llavamed_fast.model.config import PRESETS
 from llavamed_fast.train import checkpoint as ckpt
 from llavamed_fast.train import dist as dist_mod
+from llavamed_fast.train import features
 from llavamed_fast.train.batches import Step, plan_stage
 from llavamed_fast.train.config import RunConfig, StageConfig, Trainable
 from llavamed_fast.train.data import stage_dataset
@@ -148,6 +149,9 @@ class Trainer:
         elif llm.is_gradient_checkpointing:
             llm.gradient_checkpointing_disable()
         dataset = stage_dataset(stage.data, self.processor, self.run_dir, dist)
+        if config.feature_cache and Trainable.VISION not in stage.trainable:
+            autocast = self.dtype if dist.device.type == "cuda" and stage.zero_stage == 0 else None
+            dataset = features.build(self.model, dataset, self.run_dir / "features", dist, autocast=autocast)
         plan = plan_stage(
             dataset.lengths,
             budget=stage.micro_batch_tokens,

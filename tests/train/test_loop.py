@@ -213,3 +213,22 @@ def test_lora_stage_merges_adapters_on_export(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     LlavaForConditionalGeneration.from_pretrained(out / "model")
+
+
+def test_feature_cache_gives_the_same_losses(tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    overrides = [
+        "stages.alignment.max_steps=5",
+        "stages.instruct.max_steps=3",
+        "plots=false",
+        "tensorboard=false",
+    ]
+    assert run(plain, *overrides).returncode == 0
+    result = run(cached, *overrides, "feature_cache=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Exactly: the cache holds the very tensors the frozen tower returns (on the CPU, in float32).
+    assert step_losses(cached) == step_losses(plain)
+    caches = sorted((cached / "features").glob("*/COMPLETE"))
+    assert len(caches) == 2  # one per stage's image set
+    rows = json.loads((caches[0].parent / "rows.json").read_text())
+    assert rows and all(r >= 0 for r in rows.values())
