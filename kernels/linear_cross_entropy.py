@@ -51,6 +51,9 @@ def _cross_entropy_rows_kernel(
     logits_ptr += row * logits_stride
     dtype = logits_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
     cols = tl.arange(0, BLOCK_V)
+    # The target's logit, read before anything is written: the gradient pass may overwrite it in place.
+    target = tl.load(targets_ptr + row)
+    target_logit = tl.load(logits_ptr + target)
 
     # Online log-sum-exp: a running max and the sum of exp(logit - max), rescaled when the max grows.
     m = tl.full([], float("-inf"), dtype)
@@ -61,12 +64,12 @@ def _cross_entropy_rows_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-
-    target = tl.load(targets_ptr + row)
-    # Read the target's logit before the gradient pass may overwrite it in place.
-    tl.store(loss_ptr + row, lse - tl.load(logits_ptr + target))
+    tl.store(loss_ptr + row, lse - target_logit)
 
     if HAS_GRAD:
+        # The warps run apart: without this barrier one could write the target's gradient over its logit
+        # (in place, float32/float64) before the thread that reads target_logit has read it.
+        tl.debug_barrier()
         grad_ptr += row * grad_stride
         for start in range(0, n_vocab, BLOCK_V):
             offs = start + cols

@@ -296,9 +296,13 @@ void gemm(const Blas& blas, DType dtype, bool float_output, bool trans_a, bool t
   };
   bool fused = false;
   if (epilogue != Epilogue::kNone) {
-    // The bias pointer's alignment also steers the heuristics: set it before asking.
-    set(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    fused = find_algorithm(epilogue == Epilogue::kBias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_BGRADB);
+    // The preferences above carry no bias alignment, and cuBLASLt's bias epilogues have been seen to fault
+    // on a bias vector that is not 16-byte aligned (a view into a flat parameter buffer can be): such a
+    // bias takes the separate kernel. Otherwise set the pointer before asking, so the heuristics see it.
+    if (alignment(bias) >= 16) {
+      set(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+      fused = find_algorithm(epilogue == Epilogue::kBias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_BGRADB);
+    }
     if (!fused) {
       TORCH_WARN_ONCE(kOp, ": cuBLASLt has no ", epilogue == Epilogue::kBias ? "BIAS" : "BGRADB",
                       " epilogue for a ", m, " x ", n, " x ", k,
