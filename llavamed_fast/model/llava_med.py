@@ -110,6 +110,14 @@ class LlavaMed(nn.Module):
         """``[T, D]`` input embeddings with each image's projected tokens in its rows."""
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         if batch.num_images == 0:
+            if torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.multi_modal_projector.parameters()
+            ):
+                # A row without images still gives the projector a (zero) gradient, so that every
+                # data-parallel rank reduces the same set of gradients.
+                # Through the module (not its weights directly), so ZeRO-3 gathers them as for a real call.
+                probe = embeds.new_zeros(1, 1, self.multi_modal_projector.linear_1.in_features)
+                embeds = embeds + self.multi_modal_projector(probe).sum().to(embeds.dtype) * 0
             return embeds
         features = batch.image_features
         if features is None:

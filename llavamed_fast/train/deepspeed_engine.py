@@ -48,6 +48,7 @@ in the batch (micro-batch 1, accumulation 1), clipping, precision and logging fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -242,6 +243,15 @@ class DeepSpeedEngine:
         self.model, self.stage, self.dist = model, stage, dist
         self.parameters = parameters
         self.trainable = {id(p) for p in parameters}
+        self.autocast = dtype if dist.device.type == "cuda" and dtype != torch.float32 else None
+        # A frozen vision tower stays outside DeepSpeed, replicated on every rank and in its own dtype: it
+        # is never updated, so partitioning it (ZeRO-3) would only cost a gather per micro-batch, and a
+        # rank whose row holds no image would leave the others waiting in that gather. The engine runs it
+        # before the DeepSpeed module (``forward``); the model keeps it as a plain attribute meanwhile.
+        self.vision = model.vision_tower if getattr(model, "vision_frozen", False) else None
+        if self.vision is not None:
+            del model._modules["vision_tower"]
+            object.__setattr__(model, "vision_tower", self.vision)
         self.state = _ModelState(model)
         _disable_shm_comm_build()
         _ensure_process_group(dist)
@@ -283,6 +293,15 @@ class DeepSpeedEngine:
         yield
 
     def forward(self, batch, *, reduction: str) -> LlavaMedOutput:
+        if self.vision is not None and batch.pixel_values is not None:
+            autocast = (
+                torch.autocast("cuda", dtype=self.autocast)
+                if self.autocast is not None
+                else contextlib.nullcontext()
+            )
+            with torch.no_grad(), autocast:
+                features = self.model.image_features(batch.pixel_values)
+            batch = dataclasses.replace(batch, pixel_values=None, image_features=features)
         output = self.ds(batch, reduction=reduction)
         return LlavaMedOutput(loss=output["loss"], num_supervised=output["num_supervised"])
 
@@ -391,10 +410,15 @@ class DeepSpeedEngine:
         if not self.dist.is_main:
             return None
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
-        return {
+        state = {
             name: values[key] if key is not None else buffers[name].detach().cpu()
             for name, key in self.state.state_names.items()
         }
+        if self.vision is not None:
+            state.update(
+                {f"vision_tower.{k}": v.detach().cpu().clone() for k, v in self.vision.state_dict().items()}
+            )
+        return state
 
     def close(self) -> None:
         """End of stage: the model gets its full trained weights back as ordinary parameters on every rank,
@@ -404,6 +428,9 @@ class DeepSpeedEngine:
         values = dict(self._full_values(self.dist.device))
         self.ds.destroy()
         self.state.restore(values)
+        if self.vision is not None:
+            del self.model.__dict__["vision_tower"]
+            self.model.vision_tower = self.vision
         self.optimizer.state.clear()
         self.ds = None
         gc.collect()  # DeepSpeed's engine and optimizer hold reference cycles over the partitions

@@ -45,6 +45,18 @@ def count_targets(batch: PackedBatch) -> int:
     return int(valid.sum())
 
 
+def placeholder(pad_token_id: int) -> PackedBatch:
+    """A one-token row without supervision: it contributes a zero loss and zero gradients."""
+    return PackedBatch(
+        input_ids=torch.tensor([pad_token_id]),
+        labels=torch.tensor([IGNORE_INDEX]),
+        position_ids=torch.tensor([0]),
+        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+        max_seqlen=1,
+        image_offsets=torch.zeros(0, dtype=torch.int64),
+    )
+
+
 def steps_of(dataset, steps: Sequence[Step], dist, num_workers: int) -> Iterator[list[PackedBatch]]:
     """This rank's micro-batches, step by step (rows are loaded and collated by a DataLoader)."""
     mine = [step.rows_for(dist.rank, dist.world_size) for step in steps]
@@ -81,8 +93,6 @@ class Trainer:
             self.state = ckpt.read_state(self.checkpoint)
         else:
             self.state = ckpt.TrainerState(stage_index=config.stage_index(start_stage) if start_stage else 0)
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)
         if config.model in PRESETS:
             self.model, self.processor = build(config.model, seed=config.seed)
         else:
@@ -94,6 +104,10 @@ class Trainer:
             ckpt.load_model(self.checkpoint, self.model)
             ckpt.load_rng(self.checkpoint, dist)
         self.model.to(dist.device)
+        if self.checkpoint is None:
+            # Per-rank streams (dropout): ranks must not draw the same masks.
+            random.seed(config.seed + dist.rank)
+            torch.manual_seed(config.seed + dist.rank)
         self.metrics = RunMetrics(
             run_dir,
             rank=dist.rank,
@@ -168,7 +182,7 @@ class Trainer:
         self.model.train()
         trains = set(stage.trainable)
         for batches in steps_of(dataset, plan[self.state.stage_step :], dist, config.num_workers):
-            self._step(engine, params, stage, batches, trains, last=self.state.stage_step + 1 == len(plan))
+            self._step(engine, stage, batches, trains, last=self.state.stage_step + 1 == len(plan))
         engine.close()  # the model holds the stage's full trained weights again
         params.close()
         merge_lora(self.model)
@@ -186,9 +200,7 @@ class Trainer:
             save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
         self.metrics.end_stage(stage.name, skipped=self.skips.summary())
 
-    def _step(
-        self, engine, params, stage: StageConfig, batches: list[PackedBatch], trains, *, last: bool
-    ) -> None:
+    def _step(self, engine, stage: StageConfig, batches: list[PackedBatch], trains, *, last: bool) -> None:
         config, dist, device = self.config, self.dist, self.dist.device
         started = time.perf_counter()
         for batch in batches:
@@ -216,11 +228,10 @@ class Trainer:
         for i, batch in enumerate(batches):
             with engine.micro_batch(last=i == len(batches) - 1):
                 if batch.num_tokens == 0:
-                    # Every sample of this row was skipped: a zero loss that touches every trainable
-                    # parameter keeps the ranks' gradient reductions in step.
-                    loss = sum(p.reshape(-1)[0] * 0 for p in params.parameters())
-                else:
-                    loss = engine.forward(batch.to(device, non_blocking=True), reduction="sum").loss
+                    # Every sample of this row was skipped: a one-token row with nothing supervised runs
+                    # the model anyway, so every rank gathers (ZeRO-3) and reduces the same parameters.
+                    batch = placeholder(self.processor.tokenizer.pad_token_id)
+                loss = engine.forward(batch.to(device, non_blocking=True), reduction="sum").loss
                 if inject:
                     loss = loss * float("nan")
                 engine.backward(loss * scale)
