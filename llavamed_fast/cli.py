@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,57 +23,9 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """One forward + loss + backward pass of a tiny model over packed rows of real VQA-RAD images."""
-    from llavamed_fast import ops
-    from llavamed_fast.data.dataset import LlavaJsonDataset
-    from llavamed_fast.data.packing import PackedBatchSampler, collate
-    from llavamed_fast.data.vqa import shared_data_dir, vqa_rad_conversations
-    from llavamed_fast.model import build
+    from llavamed_fast.demo import run
 
-    root = Path(args.data) if args.data else shared_data_dir() / "vqa-rad"
-    if not (root / "trainset.json").exists():
-        print(
-            f"error: VQA-RAD not found at {root} (expected trainset.json and images/). Get it from "
-            "https://osf.io/89kps/ (the data_RAD split) and pass --data DIR, or set LLAVAMED_SHARED_DATA.",
-            file=sys.stderr,
-        )
-        return 2
-    torch.manual_seed(args.seed)
-    model, processor = build(args.preset, seed=args.seed)
-    records = vqa_rad_conversations(root, split="train")[: args.samples]
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "vqa_rad_train.json"
-        path.write_text(json.dumps(records))
-        dataset = LlavaJsonDataset(path, root / "images", processor)
-    sampler = PackedBatchSampler(dataset.lengths, args.budget, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-    model.train()
-    start = time.perf_counter()
-    print(f"{'row':>4} {'samples':>8} {'images':>7} {'tokens':>7} {'supervised':>11} {'loss':>8}")
-    losses, tokens, supervised = [], 0, 0
-    for row, batch in enumerate(loader):
-        output = model(batch)
-        output.loss.backward()
-        losses.append(output.loss.item())
-        tokens += batch.num_tokens
-        supervised += int(output.num_supervised)
-        print(
-            f"{row:>4} {batch.num_samples:>8} {batch.num_images:>7} {batch.num_tokens:>7} "
-            f"{int(output.num_supervised):>11} {losses[-1]:>8.4f}"
-        )
-    seconds = time.perf_counter() - start
-    summary = {
-        "preset": args.preset,
-        "samples": len(dataset),
-        "rows": len(losses),
-        "tokens": tokens,
-        "real_token_fraction": round(tokens / (len(losses) * args.budget), 4),
-        "supervised_tokens": supervised,
-        "mean_loss": round(sum(losses) / len(losses), 4),
-        "seconds": round(seconds, 2),
-        "backends": ops.REGISTRY.describe("cpu"),
-    }
-    print(json.dumps(summary))
+    run(Path(args.out), scale=args.scale, eval_questions=args.eval_questions, seed=args.seed)
     return 0
 
 
@@ -101,16 +51,17 @@ def parser() -> argparse.ArgumentParser:
     init.set_defaults(run=_init)
 
     demo = commands.add_parser(
-        "demo", help="forward + loss over packed rows of real VQA-RAD images, tiny model"
+        "demo",
+        help="offline demo: synthetic scans, both training stages on a tiny model, held-out evaluation",
     )
-    demo.add_argument("--data", help="VQA-RAD folder (default: $LLAVAMED_SHARED_DATA/vqa-rad)")
-    demo.add_argument(
-        "--preset", default="tiny-v1.5", choices=[p for p in sorted(PRESETS) if p.startswith("tiny")]
-    )
-    demo.add_argument("--samples", type=int, default=64)
-    demo.add_argument("--budget", type=int, default=1024, help="tokens per packed row")
+    demo.add_argument("--out", default="runs/demo", help="output folder (data, run, evaluation)")
+    demo.add_argument("--scale", type=float, default=1.0, help="scale data and steps (smoke runs: 0.05)")
+    demo.add_argument("--eval-questions", type=int, default=400)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    # Listed for --help; the arguments are the training entry point's own (see main).
+    commands.add_parser("train", help="train a recipe: llavamed-fast train --recipe NAME --out DIR ...")
 
     backends = commands.add_parser("backends", help="which implementation each op uses")
     backends.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +70,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from llavamed_fast.train.__main__ import main as train_main
+
+        return train_main(argv[1:])
     args = parser().parse_args(argv)
     return args.run(args)
 

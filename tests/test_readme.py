@@ -15,7 +15,7 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     commands = readme_commands()
     assert len(commands) == 2, commands
-    assert commands[0].endswith("llavamed-fast demo")
+    assert "llavamed-fast demo" in commands[0]
     assert "pytest" in commands[1]
 
 

@@ -191,7 +191,11 @@ class LlavaJsonDataset(Dataset):
         return images
 
     def sample(
-        self, index: int, *, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+        self,
+        index: int,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> Sample:
         encoded = self._encoded[index]
         return Sample(

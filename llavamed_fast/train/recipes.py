@@ -145,6 +145,39 @@ def tiny_v0() -> RunConfig:
     )
 
 
+def demo() -> RunConfig:
+    """The offline demo's curriculum (``llavamed-fast demo``): synthetic scans, a tiny model, two CPU
+    cores. AdamW at 5e-4 for the LLM: on these tiny models 1e-3 and above collapse to one constant answer."""
+    return RunConfig(
+        recipe="demo",
+        model="tiny-v1.5",
+        stages=(
+            StageConfig(
+                name="alignment",
+                data=_synthetic("captions", 2000, 0),
+                trainable=(PROJECTOR,),
+                lr=1e-3,
+                epochs=1,
+                global_batch_size=32,
+                micro_batch_tokens=1024,
+            ),
+            StageConfig(
+                name="instruct",
+                data=_synthetic("conversations", 8000, 1),
+                trainable=(PROJECTOR, LLM),
+                lr=5e-4,
+                epochs=4,
+                global_batch_size=32,
+                micro_batch_tokens=1024,
+            ),
+        ),
+        dtype="float32",
+        checkpoint_every=250,
+        keep_last=1,
+        tensorboard=False,
+    )
+
+
 RECIPES: Mapping[str, Callable[[], RunConfig]] = MappingProxyType(
     {
         "llava-med-v0": llava_med_v0,
@@ -152,6 +185,7 @@ RECIPES: Mapping[str, Callable[[], RunConfig]] = MappingProxyType(
         "vqa-finetune": vqa_finetune,
         "tiny": tiny,
         "tiny-v0": tiny_v0,
+        "demo": demo,
     }
 )
 
