@@ -232,3 +232,41 @@ def test_feature_cache_gives_the_same_losses(tmp_path):
     assert len(caches) == 2  # one per stage's image set
     rows = json.loads((caches[0].parent / "rows.json").read_text())
     assert rows and all(r >= 0 for r in rows.values())
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    overrides = [
+        "stages.alignment.max_steps=2",
+        "stages.instruct.max_steps=4",
+        "plots=false",
+        "tensorboard=false",
+    ]
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert run(plain, *overrides).returncode == 0
+    result = run(recomputed, *overrides, "stages.instruct.gradient_checkpointing=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (s1, _, a), (s2, _, b) in zip(step_losses(plain), step_losses(recomputed), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6)
+
+
+def test_a_run_can_start_at_a_later_stage_from_an_exported_model(tmp_path):
+    overrides = [
+        "stages.alignment.max_steps=3",
+        "stages.instruct.max_steps=3",
+        "plots=false",
+        "tensorboard=false",
+    ]
+    whole = tmp_path / "whole"
+    assert run(whole, *overrides).returncode == 0
+    later = tmp_path / "later"
+    result = subprocess.run(
+        [*command(later, *overrides, f"model={whole / 'stages' / 'alignment'}"), "--start-stage", "instruct"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [(stage, loss) for _, stage, loss in step_losses(whole) if stage == "instruct"]
+    assert [(stage, loss) for _, stage, loss in step_losses(later)] == expected
