@@ -99,6 +99,39 @@ def _math_library_includes(cuda_home: Path) -> list[str]:
     return [flag for folder in folders for flag in ("-isystem", folder)]
 
 
+def _shared_cxx_runtime() -> list[str]:
+    """Link flags that keep the C++ runtime shared with torch's.
+
+    Where the compiler finds no ``libstdc++.so`` development link (a trimmed image with only the runtime
+    ``libstdc++.so.6`` and the static ``libstdc++.a``), ``g++ -shared`` silently links libstdc++ statically.
+    The extension then holds its own copy of the locale machinery, and the first error message that formats
+    a number (``TORCH_CHECK(..., offset)``) crashes the process inside std::ostream instead of raising.
+    Naming the shared runtime by its path links it dynamically, as torch is.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    compiler = os.environ.get("CXX", "c++")
+
+    def find(name: str) -> str | None:
+        try:
+            found = subprocess.run(
+                [compiler, f"-print-file-name={name}"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+        except OSError:
+            return None
+        return found if os.path.isabs(found) and os.path.exists(found) else None
+
+    if find("libstdc++.so") is not None:
+        return []
+    runtime = find("libstdc++.so.6")
+    if runtime is None:
+        return []
+    print(
+        f"llavamed_fast: {compiler} has no libstdc++.so link; linking {runtime} explicitly", file=sys.stderr
+    )
+    return [runtime]
+
+
 def _ensure_ninja_on_path() -> None:
     # pip does not activate the environment it builds in, so the `ninja` it installed (a build
     # requirement) may be off PATH; torch would then fall back to compiling one file at a time.
@@ -134,6 +167,7 @@ def _extension_and_build_command() -> tuple[Extension, type]:
         "include_dirs": [str(ROOT / "csrc")],
         # -g0 undoes the -g of Python's default flags: a smaller library and a faster link.
         "extra_compile_args": {"cxx": ["-O3", "-g0"], "nvcc": ["-O3"]},
+        "extra_link_args": _shared_cxx_runtime(),
         # module.cpp uses only the limited C API: one build serves every CPython >= 3.10.
         "py_limited_api": True,
     }

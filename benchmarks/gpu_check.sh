@@ -68,7 +68,13 @@ fi
 $python - "$log_file" "$results/summary.md" <<'PY'
 import json, sys
 lines = open(sys.argv[1]).read().splitlines()
-heads = [json.loads(l) for l in lines if l.startswith("{") and l.endswith("}")]
+heads = []
+for line in lines:
+    if line.startswith("{") and line.endswith("}"):
+        try:
+            heads.append(json.loads(line))
+        except json.JSONDecodeError:  # a printed dict, not a benchmark headline
+            pass
 with open(sys.argv[2], "w") as out:
     out.write("# GPU check summary\n\n")
     for h in heads:
