@@ -468,12 +468,14 @@ def _config(block_d: int, interpret: bool) -> _Config:
       tile and a [128, 64] fp32 accumulator take 64 registers per thread each, Q 32 more: fine up to
       D = 64; at D = 128 the accumulator alone would take 128, so 8 warps there. 3 stages of K and V
       (2 x 64 x 128 x 2 B = 32 KB each at D = 128) stay well inside Hopper's 228 KB of shared memory.
-    - dK/dV 64 keys x 32 queries: the kernel keeps K, V (input dtype) and dK, dV (fp32) of its key block in
-      registers for the whole walk; at D = 128 that is 32 + 64 KB, about 190 registers per thread with 4
-      warps, so 8 warps there. The streamed query tile is small because every query step holds a few
-      [64, 32] fp32 tiles (scores, dP, dS) besides those; 64 keys give each ``tl.dot`` an M of 64, one
-      Hopper wgmma tile.
-    - dQ 64 queries x 32 keys: the mirror image (Q, dO, dQ held; K, V streamed).
+    - dK/dV 64 keys x 32 queries, 4 warps: the kernel keeps K, V (input dtype) and dK, dV (fp32) of its key
+      block in registers for the whole walk, and every query step holds a few [64, 32] fp32 tiles (scores,
+      dP, dS) besides; 64 keys give each ``tl.dot`` an M of 64, one Hopper wgmma tile.
+    - dQ 64 queries x 32 keys, 4 warps: the mirror image (Q, dO, dQ held; K, V streamed).
+    The backward tiles are measured, not reasoned (``benchmarks/tune_varlen_attention.py``, H100, 16K-token
+    row, 32/8 heads, D = 128, bf16): 4 warps beat 8 for both kernels at D = 128 (backward 3.09 ms -> 2.06 ms
+    from the dK/dV kernel, -> 2.65 ms from the dQ kernel, each changed alone; 8 warps had been chosen for
+    the register count), and wider tiles (32 x 128, 64 x 128, 128 x 32) were slower than 4-warp 32 x 64.
     Interpreter (tests): half the GPU tiles. The interpreter's time grows with the number of tile steps,
     so smaller tiles only slow the tests down; test sequences of 30-200 tokens still cross several tiles,
     and the tests run other tile shapes (the GPU's among them) by replacing this function.
@@ -488,8 +490,8 @@ def _config(block_d: int, interpret: bool) -> _Config:
     wide = block_d > 64
     return _Config(
         forward=_Blocks(128, 64, 8 if wide else 4, 3),
-        dkdv=_Blocks(32, 64, 8 if wide else 4, 2),
-        dq=_Blocks(64, 32, 8 if wide else 4, 2),
+        dkdv=_Blocks(32, 64, 4, 2),
+        dq=_Blocks(64, 32, 4, 2),
         preprocess=_Blocks(64, 0, 4, 1),
     )
 

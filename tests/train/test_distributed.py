@@ -214,7 +214,8 @@ def test_zero_bf16_master_weights(tmp_path: Path) -> None:
 def bf16_worker(data_dir: Path) -> None:
     """Each stage: the fp32 master weights start from the model's fp32 values (not from the bf16 cast),
     a skipped step leaves them alone but advances the schedule, ``model_state_dict`` and ``close``
-    return the masters in fp32, and frozen weights come back as their bf16 rounding."""
+    return the masters in fp32, frozen weights come back as their bf16 rounding, and a frozen vision
+    tower (kept outside DeepSpeed) exactly as it was."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from llavamed_fast.data.packing import collate
@@ -258,13 +259,24 @@ def bf16_worker(data_dir: Path) -> None:
         steps = engine.scheduler.last_epoch
         assert steps == 3, f"stage {stage.name}: the schedule advanced {steps} times in 3 steps"
         masters = {names[id(p)]: safe_get_full_fp32_param(p).cpu() for p in params.parameters()}
+        # A frozen vision tower stays outside DeepSpeed in fp32: it comes back untouched.
+        kept = (
+            {f"vision_tower.{name}" for name, _ in engine.vision.named_parameters()}
+            if engine.vision is not None
+            else set()
+        )
         state = engine.model_state_dict()
         engine.close()
         params.close()
         after = dict(model.named_parameters())
         for name, value in after.items():
             assert value.dtype == torch.float32, f"{name}: {value.dtype} after close"
-            expected = masters[name] if name in masters else before[name].bfloat16().float()
+            if name in masters:
+                expected = masters[name]
+            elif name in kept:
+                expected = before[name]
+            else:
+                expected = before[name].bfloat16().float()
             assert torch.equal(value.detach().cpu(), expected), f"stage {stage.name}: {name} after close"
             if state is not None:
                 assert torch.equal(state[name], expected), f"stage {stage.name}: {name} in model_state_dict"

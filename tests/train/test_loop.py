@@ -93,9 +93,16 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     expected = step_losses(whole)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        command(killed, *overrides), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        # From outside the source tree, like run(): the installed package, not the checkout's folder.
+        process = subprocess.Popen(
+            command(killed, *overrides),
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=tmp_path,
+        )
     metrics = killed / "metrics.jsonl"
     deadline = time.monotonic() + 300
     # Kill it somewhere in stage 1 after a checkpoint but between two of them: after step 7 (checkpoints
@@ -103,6 +110,8 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     while time.monotonic() < deadline:
         if metrics.exists() and sum('"step": 7,' in line for line in metrics.read_text().splitlines()):
             break
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) before step 7:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
