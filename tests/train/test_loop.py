@@ -111,7 +111,9 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
         if metrics.exists() and sum('"step": 7,' in line for line in metrics.read_text().splitlines()):
             break
         if process.poll() is not None:
-            pytest.fail(f"the run ended (exit {process.returncode}) before step 7:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the run ended (exit {process.returncode}) before step 7:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
