@@ -93,14 +93,19 @@ def run(out: Path, *, scale: float = 1.0, eval_questions: int = 400, seed: int =
         "train_seconds": round(trained, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "checkpoint": str(model_dir),
+        "by_question": real["by_question"],
     }
-    print(f"{'':24}{'real images':>14}{'noise images':>14}")
+    print(f"{'':28}{'real images':>14}{'noise images':>14}")
     print(
-        f"{'closed accuracy':24}{summary['closed_accuracy']:>14.3f}{summary['closed_accuracy_noise_images']:>14.3f}"
+        f"{'closed accuracy':28}{summary['closed_accuracy']:>14.3f}{summary['closed_accuracy_noise_images']:>14.3f}"
     )
     print(
-        f"{'open accuracy (count)':24}{summary['open_accuracy']:>14.3f}{summary['open_accuracy_noise_images']:>14.3f}"
+        f"{'open accuracy (count)':28}{summary['open_accuracy']:>14.3f}{summary['open_accuracy_noise_images']:>14.3f}"
     )
+    for question, accuracy in real["by_question"].items():
+        print(
+            f"{'  ' + question + ' ...':28}{accuracy:>14.3f}{noise['by_question'].get(question, 0.0):>14.3f}"
+        )
     print(
         f"{summary['optimizer_steps']} optimizer steps, {summary['train_seconds']} s of training; model: {model_dir}"
     )

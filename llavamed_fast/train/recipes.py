@@ -166,7 +166,7 @@ def demo() -> RunConfig:
                 data=_synthetic("conversations", 8000, 1),
                 trainable=(PROJECTOR, LLM),
                 lr=5e-4,
-                epochs=4,
+                epochs=8,
                 global_batch_size=32,
                 micro_batch_tokens=1024,
             ),
