@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,30 +435,22 @@ def make_dataset(
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
-    count = _check("count", count, minimum=1)
-    seed = _check("seed", seed, minimum=0)
-    image_size = _check("image_size", image_size, minimum=32)
-    out_dir = Path(out_dir)
-    folder = out_dir / "images"
-    data_path = out_dir / f"{task}_{count}_{seed}.json"
-    names = [f"{image_id(task, seed, i, image_size)}.png" for i in range(count)]
-    manifest = {
-        "generator_version": GENERATOR_VERSION,
-        "task": task,
-        "count": count,
-        "seed": seed,
-        "image_size": image_size,
-    }
-    if _cached(data_path, manifest, (folder / n for n in names)):
-        return data_path
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, name in enumerate(names):
+
+    def draw(index: int, name: str) -> tuple[Image.Image, str]:
         scan = dataset_scan(task, seed, index, image_size)
-        _save_png(scan.image, folder / name)
-        records.append(_record(task, seed, index, scan.findings, name))
+        return scan.image, json.dumps(_record(task, seed, index, scan.findings, name))
+
     # One record per line: compact, yet readable and diffable.
-    return _finish(data_path, "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", manifest)
+    return _write_set(
+        out_dir,
+        task,
+        "json",
+        count,
+        seed,
+        image_size,
+        draw,
+        lambda lines: "[\n" + ",\n".join(lines) + "\n]\n",
+    )
 
 
 def make_eval_set(out_dir: str | os.PathLike, *, count: int, seed: int, image_size: int = 64) -> Path:
@@ -469,16 +461,38 @@ def make_eval_set(out_dir: str | os.PathLike, *, count: int, seed: int, image_si
     questions (yes/no, left/right, large/small, bright/dark) are balanced between their answers; the open
     one asks the count (none to three, equally often). Reused like :func:`make_dataset`.
     """
+
+    def draw(index: int, name: str) -> tuple[Image.Image, str]:
+        scan, item = eval_item(seed, index, image_size)
+        return scan.image, json.dumps(item.__dict__)
+
+    return _write_set(
+        out_dir, EVAL_NAMESPACE, "jsonl", count, seed, image_size, draw, lambda lines: "\n".join(lines) + "\n"
+    )
+
+
+def _write_set(
+    out_dir: str | os.PathLike,
+    namespace: str,
+    extension: str,
+    count: int,
+    seed: int,
+    image_size: int,
+    draw: Callable[[int, str], tuple[Image.Image, str]],
+    render: Callable[[list[str]], str],
+) -> Path:
+    """Item ``i`` of a set is ``draw(i, its image file name)`` -> (image, text line); ``render`` joins the
+    lines into ``out_dir/<namespace>_<count>_<seed>.<extension>``, reused when its manifest matches."""
     count = _check("count", count, minimum=1)
     seed = _check("seed", seed, minimum=0)
     image_size = _check("image_size", image_size, minimum=32)
     out_dir = Path(out_dir)
     folder = out_dir / "images"
-    data_path = out_dir / f"eval_{count}_{seed}.jsonl"
-    names = [f"{image_id(EVAL_NAMESPACE, seed, i, image_size)}.png" for i in range(count)]
+    data_path = out_dir / f"{namespace}_{count}_{seed}.{extension}"
+    names = [f"{image_id(namespace, seed, i, image_size)}.png" for i in range(count)]
     manifest = {
         "generator_version": GENERATOR_VERSION,
-        "task": EVAL_NAMESPACE,
+        "task": namespace,
         "count": count,
         "seed": seed,
         "image_size": image_size,
@@ -487,11 +501,11 @@ def make_eval_set(out_dir: str | os.PathLike, *, count: int, seed: int, image_si
         return data_path
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for index in range(count):
-        scan, item = eval_item(seed, index, image_size)
-        _save_png(scan.image, folder / item.image)
-        lines.append(json.dumps(item.__dict__))
-    return _finish(data_path, "\n".join(lines) + "\n", manifest)
+    for index, name in enumerate(names):
+        image, line = draw(index, name)
+        _save_png(image, folder / name)
+        lines.append(line)
+    return _finish(data_path, render(lines), manifest)
 
 
 def noise_like(image: Image.Image, seed: int) -> Image.Image:

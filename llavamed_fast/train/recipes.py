@@ -101,36 +101,47 @@ def _synthetic(task: str, count: int, seed: int) -> DataConfig:
     )
 
 
+def _synthetic_curriculum(
+    recipe: str,
+    *,
+    captions: int,
+    conversations: int,
+    epochs: tuple[float, float],
+    batch: int,
+    micro_tokens: int,
+) -> RunConfig:
+    """Stage 1 (projector, lr 1e-3) on synthetic captions, stage 2 (projector + LLM, lr 5e-4) on synthetic
+    conversations, on tiny-v1.5 in float32: the shape of the tiny and demo recipes."""
+
+    def stage(name, task, count, seed, trainable, lr, stage_epochs):
+        return StageConfig(
+            name=name,
+            data=_synthetic(task, count, seed),
+            trainable=trainable,
+            lr=lr,
+            epochs=stage_epochs,
+            global_batch_size=batch,
+            micro_batch_tokens=micro_tokens,
+        )
+
+    return RunConfig(
+        recipe=recipe,
+        model="tiny-v1.5",
+        stages=(
+            stage("alignment", "captions", captions, 0, (PROJECTOR,), 1e-3, epochs[0]),
+            stage("instruct", "conversations", conversations, 1, (PROJECTOR, LLM), 5e-4, epochs[1]),
+        ),
+        dtype="float32",
+    )
+
+
 def tiny() -> RunConfig:
     """Both stages on a tiny random-init model and synthetic scans, for tests and smoke runs: about 50
     optimizer steps in well under two minutes on two CPU cores, a checkpoint every 10 steps."""
-    return RunConfig(
-        recipe="tiny",
-        model="tiny-v1.5",
-        stages=(
-            StageConfig(
-                name="alignment",
-                data=_synthetic("captions", 256, 0),
-                trainable=(PROJECTOR,),
-                lr=1e-3,
-                epochs=2,
-                global_batch_size=16,
-                micro_batch_tokens=512,
-            ),
-            StageConfig(
-                name="instruct",
-                data=_synthetic("conversations", 256, 1),
-                trainable=(PROJECTOR, LLM),
-                lr=5e-4,
-                epochs=1,
-                global_batch_size=16,
-                micro_batch_tokens=512,
-            ),
-        ),
-        dtype="float32",
-        checkpoint_every=10,
-        keep_last=2,
+    base = _synthetic_curriculum(
+        "tiny", captions=256, conversations=256, epochs=(2, 1), batch=16, micro_tokens=512
     )
+    return replace(base, checkpoint_every=10, keep_last=2)
 
 
 def tiny_v0() -> RunConfig:
@@ -148,34 +159,10 @@ def tiny_v0() -> RunConfig:
 def demo() -> RunConfig:
     """The offline demo's curriculum (``llavamed-fast demo``): synthetic scans, a tiny model, two CPU
     cores. AdamW at 5e-4 for the LLM: on these tiny models 1e-3 and above collapse to one constant answer."""
-    return RunConfig(
-        recipe="demo",
-        model="tiny-v1.5",
-        stages=(
-            StageConfig(
-                name="alignment",
-                data=_synthetic("captions", 2000, 0),
-                trainable=(PROJECTOR,),
-                lr=1e-3,
-                epochs=1,
-                global_batch_size=32,
-                micro_batch_tokens=1024,
-            ),
-            StageConfig(
-                name="instruct",
-                data=_synthetic("conversations", 8000, 1),
-                trainable=(PROJECTOR, LLM),
-                lr=5e-4,
-                epochs=8,
-                global_batch_size=32,
-                micro_batch_tokens=1024,
-            ),
-        ),
-        dtype="float32",
-        checkpoint_every=250,
-        keep_last=1,
-        tensorboard=False,
+    base = _synthetic_curriculum(
+        "demo", captions=2000, conversations=8000, epochs=(1, 8), batch=32, micro_tokens=1024
     )
+    return replace(base, checkpoint_every=250, keep_last=1, tensorboard=False)
 
 
 RECIPES: Mapping[str, Callable[[], RunConfig]] = MappingProxyType(
