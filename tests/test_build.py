@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,21 @@ def test_extension_loads_and_registers_its_ops() -> None:
     extension = importlib.import_module("llavamed_fast._C")
     assert isinstance(extension.built_with_cuda, bool)
     assert hasattr(torch.ops.llavamed_fast, "packing")
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
+def test_extension_uses_the_shared_cxx_runtime() -> None:
+    # A statically linked libstdc++ (setup.py's _shared_cxx_runtime) gives the extension its own locale
+    # machinery, and the first error message with a number in it crashes the process. The stream insertion
+    # every TORCH_CHECK message uses must then be imported from libstdc++.so.6, not defined inside _C.
+    _ext.load()
+    library = importlib.import_module("llavamed_fast._C").__file__
+    symbols = subprocess.run(["nm", "-D", "-C", library], capture_output=True, text=True, check=True).stdout
+    insertions = [line for line in symbols.splitlines() if "std::ostream::_M_insert<long>" in line]
+    assert insertions, f"{library} does not import std::ostream's integer insertion from libstdc++"
+    assert all(line.split()[0] == "U" for line in insertions), (
+        f"{library} holds its own libstdc++: {insertions}"
+    )
 
 
 def test_has_cuda_only_with_a_cuda_torch() -> None:
