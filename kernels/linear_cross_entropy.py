@@ -2,24 +2,31 @@
 
 The Triton backend of ``llavamed_fast::linear_cross_entropy`` (contract in ``llavamed_fast/ops/_library.py``,
 definition in ``reference.linear_cross_entropy_forward``). Following Liger-Kernel's fused linear
-cross-entropy, the loss is the last layer, so its gradients are computed in the same pass as the loss and
-autograd later only scales them by the output gradient:
+cross-entropy, the loss is the last layer, so its gradients are computed in the same call as the loss and
+autograd later only scales them by the output gradient. First the supervised rows are gathered
+(``labels != ignore_index``, ~30 % of the tokens of a conversation): no GEMM, softmax or gradient work is
+spent on the others. Then one of two schedules:
 
-1. gather the supervised rows (``labels != ignore_index``, ~30 % of the tokens of a conversation): no
-   GEMM, softmax or gradient work is spent on the others;
-2. for each chunk of gathered rows: ``logits = rows @ weight.T`` with float32 output (a bf16/fp16 GEMM with
-   float32 output on CUDA; float32 operands on the CPU, where torch has no mixed-precision GEMM);
-3. one Triton program per row streams the vocabulary twice: an online max / log-sum-exp, the loss term
-   ``lse - logit[target]`` and, when a gradient is wanted, ``softmax - onehot`` written over the logits
-   (in place for float32/float64 inputs; into a buffer of the input dtype for fp16/bf16, which is what the
-   following GEMMs read);
-4. ``dhidden[rows] = dlogits @ weight`` and ``dweight += dlogits.T @ rows`` (float32 accumulator across
-   chunks, cast to the weight's dtype at the end), each only where asked for.
+- **Rows in chunks** (the LM head needs no gradient: stage 1, evaluation). For each chunk of rows:
+  ``logits = rows @ weight.T`` with float32 output (a bf16/fp16 GEMM with float32 output on CUDA; float32
+  operands on the CPU, where torch has no mixed-precision GEMM); a Triton program per row streams its
+  logits for the log-sum-exp, a second writes ``softmax - onehot`` over them (in place for float32/float64
+  inputs, into a buffer of the input dtype for fp16/bf16, which is what the next GEMM reads); then
+  ``dhidden[rows] = dlogits @ weight``.
+- **Vocabulary in blocks** (the LM head is trained: stage 2). Chunking the rows would leave ``dweight``
+  as a sum over chunks, i.e. a float32 ``[vocab, hidden]`` accumulator (500 MiB for LLaMA-7B's head) next
+  to the gradient itself. Blocking the vocabulary instead gives each block of ``dweight`` in one GEMM over
+  all supervised rows, accumulated in float32 inside the GEMM and rounded once, straight into the output.
+  The price is a second pass: pass 1 computes each block's logits for the running log-sum-exp of every
+  row, pass 2 computes them again for ``softmax - onehot``, ``dweight[block] = dlogits.T @ rows`` and a
+  float32 ``dhidden`` accumulator (``[rows, hidden]``, small). Pass 2 walks the blocks backwards and starts
+  with the logits pass 1 ended on, so one block is not recomputed: 3 + (blocks - 1) / blocks GEMMs of
+  ``rows x vocab x hidden`` instead of 3.
 
-The ``1 / n_supervised`` of ``mean`` is applied after the GEMMs in float32 (GEMM ``alpha`` for dweight,
-an epilogue multiply for dhidden) rather than inside the kernel: scaled by ``1 / n``, the probabilities of
-a 32000-word vocabulary fall far below fp16's smallest normal number (6e-5) and would flush to zero in an
-fp16 gradient buffer; unscaled, they round the same way whatever ``n`` is.
+The ``1 / n_supervised`` of ``mean`` is applied after the GEMMs in float32 (GEMM ``alpha``, or an epilogue
+multiply) rather than inside the kernels: scaled by ``1 / n``, the probabilities of a 32000-word vocabulary
+fall far below fp16's smallest normal number (6e-5) and would flush to zero in an fp16 gradient buffer;
+unscaled, they round the same way whatever ``n`` is.
 """
 
 from __future__ import annotations
@@ -36,72 +43,119 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(
+def _logsumexp_update_kernel(
     logits_ptr,
-    grad_ptr,
     targets_ptr,
-    loss_ptr,
-    n_vocab,
+    max_ptr,
+    sum_ptr,
+    target_logit_ptr,
+    col_start,
+    n_cols,
     logits_stride,
-    grad_stride,
     BLOCK_V: tl.constexpr,
-    HAS_GRAD: tl.constexpr,
 ):
+    """Row ``r`` of a ``[rows, n_cols]`` logits block holds vocabulary columns ``col_start ..``: fold them
+    into the row's running max and sum of ``exp(logit - max)``, and keep the target's logit if it is here."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
-    dtype = logits_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
     cols = tl.arange(0, BLOCK_V)
-    # The target's logit, read before anything is written: the gradient pass may overwrite it in place.
-    target = tl.load(targets_ptr + row)
-    target_logit = tl.load(logits_ptr + target)
-
-    # Online log-sum-exp: a running max and the sum of exp(logit - max), rescaled when the max grows.
-    m = tl.full([], float("-inf"), dtype)
-    s = tl.full([], 0.0, dtype)
-    for start in range(0, n_vocab, BLOCK_V):
-        x = tl.load(logits_ptr + start + cols, mask=start + cols < n_vocab, other=float("-inf"))
+    target = tl.load(targets_ptr + row) - col_start
+    if (target >= 0) & (target < n_cols):
+        tl.store(target_logit_ptr + row, tl.load(logits_ptr + target))
+    # Online log-sum-exp: the sum is rescaled whenever the max grows. A block has at least one finite
+    # logit, so after it the max is finite and exp(-inf - max) of a first block is 0.
+    m = tl.load(max_ptr + row)
+    s = tl.load(sum_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        x = tl.load(logits_ptr + start + cols, mask=start + cols < n_cols, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(s)
-    tl.store(loss_ptr + row, lse - target_logit)
-
-    if HAS_GRAD:
-        # The warps run apart: without this barrier one could write the target's gradient over its logit
-        # (in place, float32/float64) before the thread that reads target_logit has read it.
-        tl.debug_barrier()
-        grad_ptr += row * grad_stride
-        for start in range(0, n_vocab, BLOCK_V):
-            offs = start + cols
-            mask = offs < n_vocab
-            x = tl.load(logits_ptr + offs, mask=mask, other=0.0)
-            g = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
-            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(max_ptr + row, m)
+    tl.store(sum_ptr + row, s)
 
 
-def _cross_entropy_rows(
+@triton.jit
+def _softmax_grad_kernel(
+    logits_ptr,
+    grad_ptr,
+    targets_ptr,
+    lse_ptr,
+    col_start,
+    n_cols,
+    logits_stride,
+    grad_stride,
+    BLOCK_V: tl.constexpr,
+):
+    """``grad = exp(logit - lse) - onehot(target)`` over a logits block (``grad`` may be ``logits``: each
+    element is read and then written by the same thread)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * logits_stride
+    grad_ptr += row * grad_stride
+    cols = tl.arange(0, BLOCK_V)
+    target = tl.load(targets_ptr + row) - col_start
+    lse = tl.load(lse_ptr + row)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(logits_ptr + offs, mask=mask, other=0.0)
+        g = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(n_cols: int, block_v: int | None) -> tuple[int, int]:
+    block_v = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    return block_v, min(32, max(4, block_v // 1024))
+
+
+def _logsumexp_update(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    loss: torch.Tensor,
-    grad: torch.Tensor | None,
+    running_max: torch.Tensor,
+    running_sum: torch.Tensor,
+    target_logit: torch.Tensor,
+    col_start: int,
     block_v: int | None = None,
 ) -> None:
-    """Per row of ``logits [R, V]``: ``loss[r] = logsumexp - logits[r, targets[r]]`` and, when ``grad`` is
-    given (``[R, V]``, may be ``logits`` itself), ``grad[r] = softmax(logits[r]) - onehot(targets[r])``."""
-    rows, vocab = logits.shape
-    block_v = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    out = logits if grad is None else grad
-    _cross_entropy_rows_kernel[(rows,)](
+    """Fold ``logits [R, C]`` (vocabulary columns ``col_start ..``) into the rows' running log-sum-exp."""
+    rows, n_cols = logits.shape
+    block_v, warps = _launch_shape(n_cols, block_v)
+    _logsumexp_update_kernel[(rows,)](
         logits,
-        out,
         targets,
-        loss,
-        vocab,
+        running_max,
+        running_sum,
+        target_logit,
+        col_start,
+        n_cols,
         logits.stride(0),
-        out.stride(0),
         BLOCK_V=block_v,
-        HAS_GRAD=grad is not None,
-        num_warps=min(32, max(4, block_v // 1024)),
+        num_warps=warps,
+    )
+
+
+def _softmax_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    col_start: int,
+    block_v: int | None = None,
+) -> None:
+    """``grad [R, C] = softmax - onehot`` for vocabulary columns ``col_start ..`` (``grad`` may be ``logits``)."""
+    rows, n_cols = logits.shape
+    block_v, warps = _launch_shape(n_cols, block_v)
+    _softmax_grad_kernel[(rows,)](
+        logits,
+        grad,
+        targets,
+        lse,
+        col_start,
+        n_cols,
+        logits.stride(0),
+        grad.stride(0),
+        BLOCK_V=block_v,
+        num_warps=warps,
     )
 
 
@@ -113,6 +167,17 @@ def _chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
     # ceil(32000 / 4096) = 8, 8192 / 8 = 1024 rows -> 3 chunks; a chunk's logits are 1024 x 32000 x 4 B =
     # 131 MB (+ 66 MB for its bf16 gradient), against 1.05 GB for the full float32 logits [8192, 32000].
     return triton.next_power_of_2(triton.cdiv(tokens, triton.cdiv(vocab, hidden)))
+
+
+def _vocab_cols(tokens: int, hidden: int, rows: int, vocab: int) -> int:
+    # Vocabulary columns per block when the head is trained. A block's float32 logits and fp16/bf16
+    # gradient (6 B per element, all supervised rows) are bounded by a quarter of the hidden states'
+    # elements, T * H / 4: the dweight the call returns is already V * H, so the workspace stays a small
+    # part of the call's memory. Multiples of 256 keep the GEMM tiles full.
+    # Worked example, a LLaMA-7B head: T = 16384, H = 4096, 30 % supervised (4965 rows): 16.8M / 4965 =
+    # 3379 -> 3328 columns, 10 blocks; a block is 4965 x 3328 x 6 B = 99 MB.
+    cols = (tokens * hidden // 4) // max(rows, 1) // 256 * 256
+    return min(vocab, max(256, cols))
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -135,6 +200,16 @@ def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out = alpha * a @ b`` (``out`` may be a view), accumulated in float32 at least, rounded once."""
+    if a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
+        # cuBLAS accumulates fp16/bf16 in float32 and applies alpha before rounding; beta = 0 ignores
+        # whatever `out` held (it may be uninitialised).
+        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+    else:
+        out.copy_(torch.mm(a.float(), b.float()).mul_(alpha))
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -150,12 +225,14 @@ def linear_cross_entropy_forward(
     need_dweight: bool,
     *,
     chunk_rows: int | None = None,
+    vocab_cols: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The loss and its gradients for a unit output gradient (see the module docstring).
 
-    ``chunk_rows`` (supervised rows per chunk) and ``block_v`` (vocabulary block of the row kernel)
-    default to the derived values; tests set them small to exercise chunking and masking.
+    ``chunk_rows`` (supervised rows per chunk, when the weight needs no gradient), ``vocab_cols``
+    (vocabulary columns per block, when it does) and ``block_v`` (columns per step of the row kernels)
+    default to the derived values; tests set them small to exercise the blocking and the masking.
     """
     _check(hidden.dim() == 2 and weight.dim() == 2, "hidden must be [T, H] and weight [V, H]")
     _check(
@@ -190,9 +267,9 @@ def linear_cross_entropy_forward(
     supervised = labels != ignore_index
     n, lowest, highest = 0, 0, 0
     if tokens:
-        # The one host sync: the number of supervised rows sizes the gather and the chunks, and the
-        # targets' range is checked in the same round trip. An out-of-range target would make the kernel
-        # read outside its row, so it is an error rather than a clamp.
+        # The one host sync: the number of supervised rows sizes the gather and the blocks, and the
+        # targets' range is checked in the same round trip. An out-of-range target would never be found
+        # in any block (a loss without its target term), so it is an error rather than a clamp.
         picked = labels.masked_fill(~supervised, 0)
         n, lowest, highest = torch.stack([supervised.sum(), picked.min(), picked.max()]).tolist()
     if lowest < 0 or highest >= vocab:
@@ -213,34 +290,59 @@ def linear_cross_entropy_forward(
     targets = labels.index_select(0, index)
     w = weight.to(operands)
     scale = 1.0 / n if reduction == "mean" else 1.0
-    # The dweight accumulator: the output itself when the weight is float32/float64, else float32.
-    acc = None
-    if need_dweight:
-        acc = torch.zeros_like(weight, dtype=compute)
-    row_loss = torch.empty(n, dtype=compute, device=hidden.device)
+    # Per row: the running max and sum of the log-sum-exp, and the target's logit.
+    running_max = torch.full((n,), float("-inf"), dtype=compute, device=hidden.device)
+    running_sum = torch.zeros(n, dtype=compute, device=hidden.device)
+    target_logit = torch.empty(n, dtype=compute, device=hidden.device)
 
-    chunk = min(n, chunk_rows or _chunk_rows(tokens, width, vocab))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        rows_c = rows[start:stop]
-        logits = _mm(rows_c, w.t(), compute)
-        grad = None
-        if need_dhidden or need_dweight:
-            grad = logits if operands == compute else torch.empty_like(logits, dtype=operands)
-        _cross_entropy_rows(logits, targets[start:stop], row_loss[start:stop], grad, block_v)
-        if need_dhidden:
-            part = _mm(grad, w, compute).mul_(scale)
-            dhidden.index_copy_(0, index[start:stop], part.to(hidden.dtype))
-            del part
-        if need_dweight:
-            _addmm_(acc, grad.t(), rows_c, alpha=scale)
-        # Free this chunk's [rows, V] buffers before the next chunk allocates its own.
-        del logits, grad
+    def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
+        return logits if operands == compute else torch.empty_like(logits, dtype=operands)
 
-    loss = (row_loss.sum() * scale).to(loss_dtype)
     dweight = None
-    if need_dweight:
-        dweight = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
+    if not need_dweight:
+        chunk = min(n, chunk_rows or _chunk_rows(tokens, width, vocab))
+        for start in range(0, n, chunk):
+            part = slice(start, min(start + chunk, n))
+            logits = _mm(rows[part], w.t(), compute)
+            _logsumexp_update(
+                logits, targets[part], running_max[part], running_sum[part], target_logit[part], 0, block_v
+            )
+            if need_dhidden:
+                lse = running_max[part] + running_sum[part].log()
+                grad = grad_buffer(logits)
+                _softmax_grad(logits, targets[part], lse, grad, 0, block_v)
+                dhidden.index_copy_(0, index[part], _mm(grad, w, compute).mul_(scale).to(hidden.dtype))
+                del grad
+            # Free this chunk's [rows, V] buffers before the next chunk allocates its own.
+            del logits
+    else:
+        cols = min(vocab, vocab_cols or _vocab_cols(tokens, width, n, vocab))
+        blocks = [slice(start, min(start + cols, vocab)) for start in range(0, vocab, cols)]
+        logits = None
+        for block in blocks:  # pass 1: the log-sum-exp of every row
+            del logits
+            logits = _mm(rows, w[block].t(), compute)
+            _logsumexp_update(logits, targets, running_max, running_sum, target_logit, block.start, block_v)
+        lse = running_max + running_sum.log()
+        dweight = torch.empty_like(weight, dtype=operands)
+        acc = torch.zeros((n, width), dtype=compute, device=hidden.device) if need_dhidden else None
+        for block in reversed(blocks):  # pass 2: the gradients; the last block's logits are still here
+            if logits is None:
+                logits = _mm(rows, w[block].t(), compute)
+            grad = grad_buffer(logits)
+            _softmax_grad(logits, targets, lse, grad, block.start, block_v)
+            del logits
+            logits = None
+            if need_dhidden:
+                _addmm_(acc, grad, w[block], alpha=1.0)
+            _mm_into(dweight[block], grad.t(), rows, alpha=scale)
+            del grad
+        if need_dhidden:
+            dhidden.index_copy_(0, index, acc.mul_(scale).to(hidden.dtype))
+        if dweight.dtype != weight.dtype:
+            dweight = dweight.to(weight.dtype)
+
+    loss = ((running_max + running_sum.log() - target_logit).sum() * scale).to(loss_dtype)
     return loss, dhidden, dweight
 
 

@@ -117,20 +117,51 @@ def test_matches_float64_oracle(case, reduction, dtype):
 
 
 @interpreter
-@pytest.mark.parametrize(("chunk_rows", "block_v"), [(1, 128), (7, 256), (16, None), (None, 128)])
-def test_chunks_and_vocabulary_blocks(monkeypatch, chunk_rows, block_v):
-    # 997 is not a multiple of any block: the last block of every row is masked.
-    hidden, weight, labels = _inputs(90, 40, 997, torch.float64, 0.3, seed=3)
+@pytest.mark.parametrize("train_head", [False, True], ids=["rows in chunks", "vocabulary in blocks"])
+@pytest.mark.parametrize(
+    ("chunk_rows", "vocab_cols", "block_v"),
+    [(1, 100, 128), (7, 256, 256), (16, 300, None), (None, None, 128)],
+)
+def test_chunks_and_vocabulary_blocks(monkeypatch, train_head, chunk_rows, vocab_cols, block_v):
+    # 997 is not a multiple of any block: the last block of every row is masked; so is the last vocabulary
+    # block when the head is trained (997 = 3 x 300 + 97).
+    tokens, width, vocab = 90, 40, 997
+    hidden, weight, labels = _inputs(tokens, width, vocab, torch.float64, 0.3, seed=3)
     n = int((labels != IGNORE).sum())
-    launches = _Counter(monkeypatch, "_cross_entropy_rows")
-    got = lce.linear_cross_entropy_forward(
-        hidden, weight, labels, IGNORE, "mean", True, True, chunk_rows=chunk_rows, block_v=block_v
-    )
-    expected_chunks = -(-n // min(n, chunk_rows or lce._chunk_rows(90, 40, 997)))
-    assert len(launches.calls) == expected_chunks > 1
-    oracle = _loss_and_grads(_eager, hidden, weight, labels, "mean")
-    for name, g, o in zip(("loss", "dhidden", "dweight"), got, oracle, strict=True):
+    launches = _Counter(monkeypatch, "_logsumexp_update")
+    gemms = _Counter(monkeypatch, "_mm")
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(train_head)
+    if train_head:
+        got = lce.linear_cross_entropy_forward(
+            hidden, weight, labels, IGNORE, "mean", True, True, vocab_cols=vocab_cols, block_v=block_v
+        )
+        cols = min(vocab, vocab_cols or lce._vocab_cols(tokens, width, n, vocab))
+        blocks = -(-vocab // cols)
+        # Pass 1 computes every block's logits, pass 2 all but the one pass 1 ended on.
+        assert len(gemms.calls) == 2 * blocks - 1
+    else:
+        got = lce.linear_cross_entropy_forward(
+            hidden, weight, labels, IGNORE, "mean", True, False, chunk_rows=chunk_rows, block_v=block_v
+        )
+        blocks = -(-n // min(n, chunk_rows or lce._chunk_rows(tokens, width, vocab)))
+        assert len(gemms.calls) == 2 * blocks  # the logits and dhidden per chunk
+    assert len(launches.calls) == blocks > 1
+    loss = _eager(h, w, labels, "mean")
+    oracle = (loss, *torch.autograd.grad(loss, [h, w] if train_head else [h]))
+    if not train_head:
+        assert got[2] is None
+        got = got[:2]
+    for name, g, o in zip(("loss", "dhidden", "dweight"), got, oracle, strict=False):
         torch.testing.assert_close(g, o, atol=1e-13, rtol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_vocabulary_blocks_bound_the_logits_by_the_hidden_states():
+    # The worked example beside _vocab_cols: LLaMA-7B's head, 16384 tokens, 30 % supervised.
+    assert lce._vocab_cols(16384, 4096, 4965, 32000) == 3328
+    assert 4965 * 3328 <= 16384 * 4096 // 4
+    assert lce._vocab_cols(16384, 4096, 10, 32000) == 32000  # few rows: the whole vocabulary at once
+    assert lce._vocab_cols(100, 64, 100, 32000) == 256  # never narrower than a GEMM tile's worth
 
 
 def test_chunk_rows_bound_the_logits_by_the_hidden_states():
@@ -172,7 +203,7 @@ def test_ignore_index_inside_the_vocabulary():
 @interpreter
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_no_supervised_tokens_give_zero_without_a_launch(monkeypatch, reduction):
-    launches = _Counter(monkeypatch, "_cross_entropy_rows")
+    launches = _Counter(monkeypatch, "_logsumexp_update")
     hidden, weight, _ = _inputs(12, 16, 50, torch.float32, 0.3, seed=5)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     loss = _triton(h, w, torch.full((12,), IGNORE), reduction)
@@ -185,7 +216,7 @@ def test_no_supervised_tokens_give_zero_without_a_launch(monkeypatch, reduction)
 @interpreter
 def test_frozen_weight_skips_the_weight_gemms(monkeypatch):
     hidden, weight, labels = _inputs(120, 32, 300, torch.float32, 0.3, seed=6)
-    chunks = _Counter(monkeypatch, "_cross_entropy_rows")
+    chunks = _Counter(monkeypatch, "_logsumexp_update")
     gemms = _Counter(monkeypatch, "_mm")
     accumulations = _Counter(monkeypatch, "_addmm_")
     h = hidden.requires_grad_()  # weight stays frozen, as in stage 1
@@ -201,11 +232,16 @@ def test_frozen_weight_skips_the_weight_gemms(monkeypatch):
 @interpreter
 def test_frozen_hidden_computes_only_the_weight_gradient(monkeypatch):
     hidden, weight, labels = _inputs(120, 32, 300, torch.float32, 0.3, seed=7)
-    chunks = _Counter(monkeypatch, "_cross_entropy_rows")
+    blocks = _Counter(monkeypatch, "_logsumexp_update")
     gemms = _Counter(monkeypatch, "_mm")
+    accumulations = _Counter(monkeypatch, "_addmm_")
+    weight_blocks = _Counter(monkeypatch, "_mm_into")
     w = weight.requires_grad_()
+    monkeypatch.setattr(lce, "_vocab_cols", lambda *_: 128)  # 300 words: blocks of 128, 128 and 44
     _triton(hidden, w, labels, "sum").backward()
-    assert len(gemms.calls) == len(chunks.calls)  # the logits only
+    # The logits twice (but once for the block pass 1 ended on) and dweight per block; no dhidden.
+    assert len(blocks.calls) == len(weight_blocks.calls) == 3
+    assert len(gemms.calls) == 5 and accumulations.calls == []
     expected = _loss_and_grads(_eager, hidden, weight, labels, "sum", dtype=torch.float64)
     torch.testing.assert_close(w.grad, expected[2].float(), atol=1e-5, rtol=1e-4)
 
@@ -213,12 +249,13 @@ def test_frozen_hidden_computes_only_the_weight_gradient(monkeypatch):
 @interpreter
 def test_no_grad_does_no_gradient_work(monkeypatch):
     hidden, weight, labels = _inputs(120, 32, 300, torch.float32, 0.3, seed=8)
-    chunks = _Counter(monkeypatch, "_cross_entropy_rows")
+    chunks = _Counter(monkeypatch, "_logsumexp_update")
+    gradients = _Counter(monkeypatch, "_softmax_grad")
     gemms = _Counter(monkeypatch, "_mm")
     accumulations = _Counter(monkeypatch, "_addmm_")
     with torch.no_grad():
         loss = _triton(hidden.requires_grad_(), weight.requires_grad_(), labels, "mean")
-    assert all(call[3] is None for call in chunks.calls)  # no gradient buffer for the kernel
+    assert gradients.calls == []  # the log-sum-exp only
     assert len(gemms.calls) == len(chunks.calls) > 1 and accumulations.calls == []
     expected = _eager(hidden.double(), weight.double(), labels, "mean")
     torch.testing.assert_close(loss, expected.float(), atol=1e-6, rtol=1e-6)
@@ -329,17 +366,16 @@ def test_gpu_peak_memory_is_far_below_the_full_logits(train_head):
     loss = _triton(hidden, weight, labels, "mean")
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    # The gradients autograd keeps are outputs any implementation returns; the float32 dweight
-    # accumulator (V x H x 4 B, independent of the number of tokens) is a deliberate precision choice.
+    # The gradients autograd keeps are outputs any implementation returns.
     outputs = hidden.numel() * hidden.element_size() + (
         weight.numel() * weight.element_size() if train_head else 0
     )
-    accumulator = weight.numel() * 4 if train_head else 0
-    extra = peak - outputs - accumulator
+    extra = peak - outputs
     full_logits = tokens * vocab * 4
-    # Expected: a chunk's float32 logits and bf16 gradient (1024 x 32000 x 6 B = 197 MB) and the gathered
-    # rows, about a quarter of the 1.05 GB of full float32 logits.
-    assert extra < full_logits / 3, (
+    # Expected: a frozen head, a chunk's float32 logits and bf16 gradient (1024 x 32000 x 6 B = 197 MB) and
+    # the gathered rows (20 MB); a trained one, a vocabulary block's (2458 x 3328 x 6 B = 49 MB), the
+    # float32 dhidden accumulator (40 MB) and the gathered rows: no float32 [V, H] accumulator (500 MiB).
+    assert extra < full_logits / 4, (
         f"extra {extra / 2**20:.0f} MiB vs full logits {full_logits / 2**20:.0f} MiB"
     )
     del loss
