@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny CPU run that checks the script, not the speed"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also print the kernels of ours fwd+bwd (torch.profiler)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.images, args.image_tokens, args.vision, args.text, args.tokens = 3, 16, 32, 64, 200
@@ -62,9 +65,11 @@ def main() -> None:
     # Backward without dx: dW2 and dA (2 x 2md^2) and dW1 (2mcd); the linear projector only dW1.
     bwd_flops = 2 * m * c * d + (0 if args.linear else 4 * m * d * d)
 
-    def ours():
+    host_offsets = offsets.cpu()
+
+    def ours(image_offsets=offsets):
         with use_backend(projector="cuda"):
-            return ops.projector(x, w1, b1, w2, b2, embeds=embeds, image_offsets=offsets)
+            return ops.projector(x, w1, b1, w2, b2, embeds=embeds, image_offsets=image_offsets)
 
     def ref():
         with use_backend(projector="torch"):
@@ -73,6 +78,8 @@ def main() -> None:
     candidates = {}
     if device.type == "cuda" and ops.REGISTRY.why_not("projector", "cuda", "cuda") is None:
         candidates["ours (cuda)"] = ours
+        # The same op given the offsets on the host: the GEMM pointers need no device-to-host copy.
+        candidates["ours (cuda), host offsets"] = lambda: ours(host_offsets)
     candidates["torch reference"] = ref
     if device.type == "cuda":
         compiled = torch.compile(reference.projector)
@@ -89,6 +96,8 @@ def main() -> None:
         total = measure(f"{name} fwd+bwd", step, device, flops=fwd_flops + bwd_flops, repeat=args.repeat)
         totals[name] = total
         rows += [row(forward, impl=name, **{"pass": "fwd"}), row(total, impl=name, **{"pass": "fwd+bwd"})]
+    if args.profile and "ours (cuda)" in candidates:
+        _profile(lambda: torch.autograd.grad(ours(), params, dy))
     gemm = measured_gemm_tflops(device, dtype) if device.type == "cuda" else None
     ours_total = totals.get("ours (cuda)")
     headline = {
@@ -106,6 +115,22 @@ def main() -> None:
         "dtype": args.dtype,
     }
     report("projector", device, rows, headline, save=not args.smoke)
+
+
+def _profile(step) -> None:
+    """The kernels (device time) and host calls of a few fwd+bwd steps, to see where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":
