@@ -120,6 +120,10 @@ def measured_copy_gbps(device: torch.device, mib: int = 2048) -> float:
 
 
 def _commit() -> str:
+    # A copied tree may carry a stale .git (or none): the commit a caller names wins.
+    named = os.environ.get("LLAVAMED_FAST_COMMIT")
+    if named:
+        return named
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -130,7 +134,7 @@ def _commit() -> str:
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("LLAVAMED_FAST_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:

@@ -227,8 +227,10 @@ def linear_cross_entropy_forward(
     chunk_rows: int | None = None,
     vocab_cols: int | None = None,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The loss and its gradients for a unit output gradient (see the module docstring).
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The loss and its gradients for a unit output gradient (see the module docstring), as
+    ``(loss, dhidden_rows, rows, dweight)``: the hidden-state gradient of the supervised rows only, at
+    positions ``rows`` (the others are zero), and the weight gradient; None where not asked for.
 
     ``chunk_rows`` (supervised rows per chunk, when the weight needs no gradient), ``vocab_cols``
     (vocabulary columns per block, when it does) and ``block_v`` (columns per step of the row kernels)
@@ -280,12 +282,12 @@ def linear_cross_entropy_forward(
             f"ignore_index ({ignore_index})"
         )
 
-    dhidden = torch.zeros_like(hidden) if need_dhidden else None
+    index = torch.nonzero_static(supervised, size=n).squeeze(1)
+    dhidden = hidden.new_empty((n, width)) if need_dhidden else None
     if n == 0:  # nothing supervised: loss 0 (also for "mean") and zero gradients, no launch
         dweight = torch.zeros_like(weight) if need_dweight else None
-        return hidden.new_zeros((), dtype=loss_dtype), dhidden, dweight
+        return hidden.new_zeros((), dtype=loss_dtype), dhidden, index if need_dhidden else None, dweight
 
-    index = torch.nonzero_static(supervised, size=n).squeeze(1)
     rows = hidden.index_select(0, index).to(operands)
     targets = labels.index_select(0, index)
     w = weight.to(operands)
@@ -311,7 +313,7 @@ def linear_cross_entropy_forward(
                 lse = running_max[part] + running_sum[part].log()
                 grad = grad_buffer(logits)
                 _softmax_grad(logits, targets[part], lse, grad, 0, block_v)
-                dhidden.index_copy_(0, index[part], _mm(grad, w, compute).mul_(scale).to(hidden.dtype))
+                dhidden[part] = _mm(grad, w, compute).mul_(scale)
                 del grad
             # Free this chunk's [rows, V] buffers before the next chunk allocates its own.
             del logits
@@ -338,12 +340,12 @@ def linear_cross_entropy_forward(
             _mm_into(dweight[block], grad.t(), rows, alpha=scale)
             del grad
         if need_dhidden:
-            dhidden.index_copy_(0, index, acc.mul_(scale).to(hidden.dtype))
+            dhidden.copy_(acc.mul_(scale))
         if dweight.dtype != weight.dtype:
             dweight = dweight.to(weight.dtype)
 
     loss = ((running_max + running_sum.log() - target_logit).sum() * scale).to(loss_dtype)
-    return loss, dhidden, dweight
+    return loss, dhidden, index if need_dhidden else None, dweight
 
 
 class TritonLinearCrossEntropy:
@@ -357,7 +359,7 @@ class TritonLinearCrossEntropy:
         ignore_index: int,
         reduction: str,
         needs: list[bool],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         return linear_cross_entropy_forward(
             hidden, weight, labels, ignore_index, reduction, bool(needs[0]), bool(needs[1])
         )

@@ -168,7 +168,7 @@ def linear_cross_entropy(
     # Gradients are computed in the loss's own pass, and only those that autograd will ask for.
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad]
-    loss, _, _ = _library.linear_cross_entropy_op(
+    loss, *_ = _library.linear_cross_entropy_op(
         hidden, weight, labels, int(ignore_index), reduction, needs, backend
     )
     return loss

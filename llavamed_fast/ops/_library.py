@@ -178,9 +178,12 @@ class TorchProjector:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# linear_cross_entropy: forward -> (loss, dhidden, dweight): the scalar loss (float32; float64 for float64
-# inputs) and its gradients for a unit output gradient, computed in the same pass where ``needs`` asks for
-# them (empty tensors otherwise); the autograd formula only scales them by the output gradient.
+# linear_cross_entropy: forward -> (loss, dhidden_rows, rows, dweight): the scalar loss (float32; float64 for
+# float64 inputs) and its gradients for a unit output gradient, computed in the same pass where ``needs``
+# asks for them (empty tensors otherwise). The hidden-state gradient is kept for the supervised rows only
+# (``dhidden_rows [n, H]``, ``rows [n]`` their positions, int64): the others are zero, and a full [T, H]
+# saved for the backward would sit beside the full one the backward returns. The autograd formula only
+# scales the gradients by the output gradient (into new tensors: one forward may serve several backwards).
 
 
 @torch.library.custom_op("llavamed_fast::linear_cross_entropy", mutates_args=())
@@ -192,35 +195,43 @@ def linear_cross_entropy_op(
     reduction: str,
     needs: list[bool],
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, dhidden, dweight = _kernels("linear_cross_entropy", backend).forward(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, dhidden_rows, rows, dweight = _kernels("linear_cross_entropy", backend).forward(
         hidden, weight, labels, ignore_index, reduction, needs
     )
-    return (
-        loss,
-        _empty(hidden) if dhidden is None else dhidden,
-        _empty(weight) if dweight is None else dweight,
-    )
+    if dhidden_rows is None:
+        dhidden_rows, rows = _empty(hidden), labels.new_empty(0)
+    return loss, dhidden_rows, rows, _empty(weight) if dweight is None else dweight
 
 
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, ignore_index, reduction, needs, backend):
     loss = hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    grads = (
-        torch.empty_like(t) if need else t.new_empty(0)
-        for t, need in zip((hidden, weight), needs, strict=True)
-    )
-    return (loss, *grads)
+    if needs[0]:
+        n = torch.library.get_ctx().new_dynamic_size()  # the number of supervised rows
+        dhidden_rows, rows = hidden.new_empty(n, hidden.shape[1]), labels.new_empty(n)
+    else:
+        dhidden_rows, rows = hidden.new_empty(0), labels.new_empty(0)
+    dweight = torch.empty_like(weight) if needs[1] else weight.new_empty(0)
+    return loss, dhidden_rows, rows, dweight
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(*output[1:])
+    ctx.hidden_shape = inputs[0].shape
+    ctx.needs = inputs[5]
+    # Nothing flows back through the gradient outputs: no zero tensors of their shapes.
+    ctx.set_materialize_grads(False)
 
 
-def _linear_cross_entropy_backward(ctx, dloss, _ddhidden, _ddweight):
-    dhidden, dweight = ctx.saved_tensors
-    grads = [g * dloss.to(g.dtype) if g.numel() else None for g in (dhidden, dweight)]
-    return (*grads, None, None, None, None, None)
+def _linear_cross_entropy_backward(ctx, dloss, *_unused):
+    dhidden_rows, rows, dweight = ctx.saved_tensors
+    dhidden = None
+    if ctx.needs[0] and dloss is not None:
+        scaled = dhidden_rows * dloss.to(dhidden_rows.dtype)
+        dhidden = scaled.new_zeros(ctx.hidden_shape).index_copy_(0, rows, scaled)
+    dweight = dweight * dloss.to(dweight.dtype) if ctx.needs[1] and dloss is not None else None
+    return dhidden, dweight, None, None, None, None, None
 
 
 linear_cross_entropy_op.register_autograd(

@@ -243,10 +243,12 @@ def linear_cross_entropy_forward(
     ignore_index: int = -100,
     reduction: str = "mean",
     needs: tuple[bool, bool] = (True, True),
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`linear_cross_entropy` and its gradients for ``(hidden, weight)`` (None where not needed),
-    from one softmax: ``d loss / d logits = (softmax - onehot) / n`` (``mean``) or without ``/ n`` (``sum``).
-    Fused kernels compute the gradients in the same pass as the loss; autograd then only scales them."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`linear_cross_entropy` and its gradients, from one softmax: ``d loss / d logits =
+    (softmax - onehot) / n`` (``mean``) or without ``/ n`` (``sum``). Returns ``(loss, dhidden_rows, rows,
+    dweight)``: the hidden-state gradient of the supervised rows only, at positions ``rows`` (the others are
+    zero), and the weight gradient; None where ``needs`` does not ask. Fused kernels compute the gradients
+    in the same pass as the loss; autograd then only scales them."""
     compute = torch.promote_types(hidden.dtype, torch.float32)
     supervised = labels != ignore_index
     rows = hidden[supervised].to(compute)
@@ -257,14 +259,14 @@ def linear_cross_entropy_forward(
     loss = -log_probs[picked, targets].sum()
     scale = 1.0 / supervised.sum().clamp(min=1).to(compute) if reduction == "mean" else 1.0
     loss = loss * scale
-    dhidden = dweight = None
+    dhidden_rows = positions = dweight = None
     if needs[0] or needs[1]:
         dlogits = log_probs.exp_()
         dlogits[picked, targets] -= 1.0
         dlogits *= scale
         if needs[0]:
-            dhidden = torch.zeros_like(hidden)
-            dhidden[supervised] = (dlogits @ weight.to(compute)).to(hidden.dtype)
+            dhidden_rows = (dlogits @ weight.to(compute)).to(hidden.dtype)
+            positions = supervised.nonzero().squeeze(1)
         if needs[1]:
             dweight = (dlogits.t() @ rows).to(weight.dtype)
-    return loss, dhidden, dweight
+    return loss, dhidden_rows, positions, dweight

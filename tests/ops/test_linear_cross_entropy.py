@@ -133,7 +133,7 @@ def test_chunks_and_vocabulary_blocks(monkeypatch, train_head, chunk_rows, vocab
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_(train_head)
     if train_head:
-        got = lce.linear_cross_entropy_forward(
+        loss, dhidden_rows, rows, dweight = lce.linear_cross_entropy_forward(
             hidden, weight, labels, IGNORE, "mean", True, True, vocab_cols=vocab_cols, block_v=block_v
         )
         cols = min(vocab, vocab_cols or lce._vocab_cols(tokens, width, n, vocab))
@@ -141,17 +141,19 @@ def test_chunks_and_vocabulary_blocks(monkeypatch, train_head, chunk_rows, vocab
         # Pass 1 computes every block's logits, pass 2 all but the one pass 1 ended on.
         assert len(gemms.calls) == 2 * blocks - 1
     else:
-        got = lce.linear_cross_entropy_forward(
+        loss, dhidden_rows, rows, dweight = lce.linear_cross_entropy_forward(
             hidden, weight, labels, IGNORE, "mean", True, False, chunk_rows=chunk_rows, block_v=block_v
         )
         blocks = -(-n // min(n, chunk_rows or lce._chunk_rows(tokens, width, vocab)))
         assert len(gemms.calls) == 2 * blocks  # the logits and dhidden per chunk
     assert len(launches.calls) == blocks > 1
-    loss = _eager(h, w, labels, "mean")
-    oracle = (loss, *torch.autograd.grad(loss, [h, w] if train_head else [h]))
-    if not train_head:
-        assert got[2] is None
-        got = got[:2]
+    # The hidden-state gradient comes for the supervised rows only, with their positions.
+    assert torch.equal(rows, (labels != IGNORE).nonzero().squeeze(1))
+    dhidden = torch.zeros_like(hidden).index_copy_(0, rows, dhidden_rows)
+    got = (loss, dhidden) if dweight is None else (loss, dhidden, dweight)
+    assert (dweight is None) != train_head
+    eager = _eager(h, w, labels, "mean")
+    oracle = (eager, *torch.autograd.grad(eager, [h, w] if train_head else [h]))
     for name, g, o in zip(("loss", "dhidden", "dweight"), got, oracle, strict=False):
         torch.testing.assert_close(g, o, atol=1e-13, rtol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -185,6 +187,23 @@ def test_float64_is_exact_and_scales_with_output_gradient(reduction):
     torch.testing.assert_close(loss, expected, atol=1e-13, rtol=1e-12)
     torch.testing.assert_close(h.grad, h64.grad, atol=1e-14, rtol=1e-12)
     torch.testing.assert_close(w.grad, w64.grad, atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_one_forward_serves_two_backwards(backend):
+    # The backward scales the gradients the forward computed into new tensors, so a retained graph gives
+    # the same, right, gradients again, whatever the output gradient.
+    hidden, weight, labels = _inputs(20, 8, 30, torch.float64, 0.5, seed=15)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with ops.use_backend(linear_cross_entropy=backend):
+        loss = ops.linear_cross_entropy(h, w, labels, ignore_index=IGNORE)
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    eager = _eager(h64, w64, labels, "mean")
+    for factor in (3.0, -0.5):
+        got = torch.autograd.grad(factor * loss, (h, w), retain_graph=True)
+        expected = torch.autograd.grad(factor * eager, (h64, w64), retain_graph=True)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-14, rtol=1e-12)
 
 
 @interpreter
@@ -366,9 +385,10 @@ def test_gpu_peak_memory_is_far_below_the_full_logits(train_head):
     loss = _triton(hidden, weight, labels, "mean")
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    # The gradients autograd keeps are outputs any implementation returns.
+    # The gradients autograd returns are outputs any implementation has; so is, for a gradient computed
+    # in the forward, the saved weight gradient the backward scales into the returned one.
     outputs = hidden.numel() * hidden.element_size() + (
-        weight.numel() * weight.element_size() if train_head else 0
+        2 * weight.numel() * weight.element_size() if train_head else 0
     )
     extra = peak - outputs
     full_logits = tokens * vocab * 4
