@@ -106,28 +106,49 @@ __global__ void gelu_backward_kernel(const float* __restrict__ da, const T* __re
   }
 }
 
-// Rows are moved as opaque units U (16, 8, 4 or 2 bytes): an image's rows are contiguous, so each image
-// is one contiguous run of tokens * row_units units in src, in gathered and in zeroed.
-template <typename U>
-__global__ void gather_image_rows_kernel(const U* __restrict__ src, int64_t total_rows,
-                                         const int64_t* __restrict__ offsets, int64_t images, int64_t tokens,
-                                         int64_t row_units, U* __restrict__ gathered,
-                                         U* __restrict__ zeroed) {
-  const int64_t image_units = tokens * row_units;
+__global__ void mark_image_rows_kernel(const int64_t* __restrict__ offsets, int64_t images, int64_t tokens,
+                                       int64_t total_rows, int32_t* __restrict__ map) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t image = blockIdx.y; image < images; image += gridDim.y) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < images * tokens;
+       i += step) {
+    const int64_t image = i / tokens;
     const int64_t offset = offsets[image];
-    if (offset < 0 || offset > total_rows - tokens) {
-      continue;  // never touch memory outside the tensors; the forward rejected such offsets
+    if (offset >= 0 && offset <= total_rows - tokens) {
+      map[offset + (i - image * tokens)] = static_cast<int32_t>(i);
     }
-    const U* from = src + offset * row_units;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < image_units;
-         i += step) {
-      if (gathered != nullptr) {
-        gathered[image * image_units + i] = from[i];
+  }
+}
+
+__global__ void mark_rows_kernel(int64_t offset, int64_t first, int64_t tokens, int32_t* __restrict__ map) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens; t += step) {
+    map[offset + t] = static_cast<int32_t>(first + t);
+  }
+}
+
+// Rows are moved as opaque units U (16, 8, 4 or 2 bytes); one block walks a row at a time, so the row's
+// kind (map) is read once per block and no thread divides by the row length.
+template <typename U>
+__global__ void split_rows_kernel(const U* __restrict__ src, int64_t total_rows, int64_t row_units,
+                                  const int32_t* __restrict__ map, U* __restrict__ text_out, bool zero_images,
+                                  U* __restrict__ gathered) {
+  for (int64_t r = blockIdx.x; r < total_rows; r += gridDim.x) {
+    const int64_t slot = map[r];
+    const int64_t at = r * row_units;
+    if (slot < 0) {
+      if (text_out != nullptr) {
+        for (int64_t c = threadIdx.x; c < row_units; c += blockDim.x) {
+          text_out[at + c] = src[at + c];
+        }
       }
-      if (zeroed != nullptr) {
-        zeroed[offset * row_units + i] = U{};
+      continue;
+    }
+    for (int64_t c = threadIdx.x; c < row_units; c += blockDim.x) {
+      if (gathered != nullptr) {
+        gathered[slot * row_units + c] = src[at + c];
+      }
+      if (text_out != nullptr && zero_images) {
+        text_out[at + c] = U{};
       }
     }
   }
@@ -143,34 +164,6 @@ __global__ void add_bias_kernel(T* __restrict__ out, int64_t rows, int64_t cols,
     const int64_t c = i - r * cols;
     T& value = out[r * ld + c];
     value = from_float<T>(to_float(value) + to_float(bias[c]));
-  }
-}
-
-// One block per 32 columns: each of its 8 rows of 32 threads sums every 8th row of the input for one
-// column (a warp reads 32 neighbouring elements), then the block adds up the 8 partial sums.
-constexpr int kSumColumns = 32;
-constexpr int kSumLanes = 8;
-
-template <typename T>
-__global__ void column_sum_kernel(const T* __restrict__ in, int64_t rows, int64_t cols, int64_t ld,
-                                  T* __restrict__ out) {
-  __shared__ float partial[kSumLanes][kSumColumns + 1];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumColumns + threadIdx.x;
-  float sum = 0.0f;
-  if (c < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += kSumLanes) {
-      sum += to_float(in[r * ld + c]);
-    }
-  }
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.0f;
-#pragma unroll
-    for (int lane = 0; lane < kSumLanes; ++lane) {
-      total += partial[lane][threadIdx.x];
-    }
-    out[c] = from_float<T>(total);
   }
 }
 
@@ -229,29 +222,45 @@ cudaError_t gelu_backward(DType dtype, const float* da, const void* h, void* dh,
   });
 }
 
-cudaError_t gather_image_rows(DType dtype, const void* src, int64_t total_rows, const int64_t* offsets,
-                              int64_t images, int64_t tokens, int64_t width, void* gathered, void* zeroed,
-                              cudaStream_t stream) {
-  if (images == 0 || tokens == 0 || width == 0 || (gathered == nullptr && zeroed == nullptr)) {
+cudaError_t mark_image_rows(const int64_t* offsets, int64_t images, int64_t tokens, int64_t total_rows,
+                            int32_t* map, cudaStream_t stream) {
+  if (images == 0 || tokens == 0) {
+    return cudaSuccess;
+  }
+  mark_image_rows_kernel<<<blocks_for(images * tokens), kThreads, 0, stream>>>(offsets, images, tokens,
+                                                                              total_rows, map);
+  return cudaGetLastError();
+}
+
+cudaError_t mark_rows(int64_t offset, int64_t first, int64_t tokens, int32_t* map, cudaStream_t stream) {
+  if (tokens == 0) {
+    return cudaSuccess;
+  }
+  mark_rows_kernel<<<blocks_for(tokens), kThreads, 0, stream>>>(offset, first, tokens, map);
+  return cudaGetLastError();
+}
+
+cudaError_t split_rows(DType dtype, const void* src, int64_t total_rows, int64_t width, const int32_t* map,
+                       void* text_out, bool zero_images, void* gathered, cudaStream_t stream) {
+  if (total_rows == 0 || width == 0 || (text_out == nullptr && gathered == nullptr)) {
     return cudaSuccess;
   }
   const int64_t row_bytes = width * element_size(dtype);
   // The widest unit that divides a row and every base pointer (a row offset is a multiple of a row).
   int64_t unit = 16;
-  while (unit > 2 &&
-         (row_bytes % unit != 0 || !aligned(src, unit) || (gathered != nullptr && !aligned(gathered, unit)) ||
-          (zeroed != nullptr && !aligned(zeroed, unit)))) {
+  while (unit > 2 && (row_bytes % unit != 0 || !aligned(src, unit) ||
+                      (text_out != nullptr && !aligned(text_out, unit)) ||
+                      (gathered != nullptr && !aligned(gathered, unit)))) {
     unit /= 2;
   }
   const int64_t row_units = row_bytes / unit;
-  const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(images, 65535));
-  const int64_t grid_x = std::max<int64_t>(1, std::min(blocks_for(tokens * row_units), kMaxBlocks / grid_y));
-  const dim3 grid(static_cast<unsigned>(grid_x), grid_y);
+  // A row of 4096 bf16 is 512 units of 16 bytes: two per thread of a 256-thread block.
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(total_rows, 16 * kMaxBlocks));
   auto launch = [&](auto tag) {
     using U = decltype(tag);
-    gather_image_rows_kernel<U>
-        <<<grid, kThreads, 0, stream>>>(static_cast<const U*>(src), total_rows, offsets, images, tokens,
-                                        row_units, static_cast<U*>(gathered), static_cast<U*>(zeroed));
+    split_rows_kernel<U><<<grid, kThreads, 0, stream>>>(static_cast<const U*>(src), total_rows, row_units, map,
+                                                        static_cast<U*>(text_out), zero_images,
+                                                        static_cast<U*>(gathered));
     return cudaGetLastError();
   };
   switch (unit) {
@@ -275,20 +284,6 @@ cudaError_t add_bias(DType dtype, void* out, int64_t rows, int64_t cols, int64_t
     using T = decltype(tag);
     add_bias_kernel<T><<<blocks_for(rows * cols), kThreads, 0, stream>>>(static_cast<T*>(out), rows, cols, ld,
                                                                          static_cast<const T*>(bias));
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t column_sum(DType dtype, const void* in, int64_t rows, int64_t cols, int64_t ld, void* out,
-                       cudaStream_t stream) {
-  if (cols == 0) {
-    return cudaSuccess;
-  }
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const unsigned grid = static_cast<unsigned>((cols + kSumColumns - 1) / kSumColumns);
-    column_sum_kernel<T><<<grid, dim3(kSumColumns, kSumLanes), 0, stream>>>(static_cast<const T*>(in), rows,
-                                                                            cols, ld, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }

@@ -19,21 +19,24 @@ cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStr
 cudaError_t gelu_backward(DType dtype, const float* da, const void* h, void* dh, int64_t n,
                           cudaStream_t stream);
 
-// For each image i: copies rows offsets[i] .. offsets[i] + tokens - 1 of src [total_rows, width] to rows
-// i * tokens .. of gathered [images * tokens, width] (when not null) and zeroes those rows of zeroed
-// [total_rows, width] (when not null). offsets is a device array; an image whose rows fall outside
-// [0, total_rows) is skipped (the host checked them when the forward ran).
-cudaError_t gather_image_rows(DType dtype, const void* src, int64_t total_rows, const int64_t* offsets,
-                              int64_t images, int64_t tokens, int64_t width, void* gathered, void* zeroed,
-                              cudaStream_t stream);
+// map[offsets[i] + t] = i * tokens + t for every image i and token t < tokens: the row of the image-major
+// [images * tokens, width] matrix that a packed row holds. The caller fills map [total_rows] with -1 first
+// (text rows); offsets is a device array, and an image whose rows fall outside [0, total_rows) is skipped
+// (the host checked them when the forward ran).
+cudaError_t mark_image_rows(const int64_t* offsets, int64_t images, int64_t tokens, int64_t total_rows,
+                            int32_t* map, cudaStream_t stream);
+
+// The same for one image whose offset is known on the host: map[offset + t] = first + t for t < tokens.
+cudaError_t mark_rows(int64_t offset, int64_t first, int64_t tokens, int32_t* map, cudaStream_t stream);
+
+// For each row r of src [total_rows, width], with map from mark_image_rows: a text row (map[r] < 0) is
+// copied to text_out; an image row is zeroed in text_out when zero_images, and copied to row map[r] of
+// gathered. text_out and gathered may be null (not written); src is read only where something is written.
+cudaError_t split_rows(DType dtype, const void* src, int64_t total_rows, int64_t width, const int32_t* map,
+                       void* text_out, bool zero_images, void* gathered, cudaStream_t stream);
 
 // out[r * ld + c] += bias[c] for r < rows, c < cols (the bias epilogue, where cuBLASLt has none).
 cudaError_t add_bias(DType dtype, void* out, int64_t rows, int64_t cols, int64_t ld, const void* bias,
                      cudaStream_t stream);
-
-// out[c] = sum over r < rows of in[r * ld + c], accumulated in float32 (the bias-gradient epilogue, where
-// cuBLASLt has none). Deterministic: no atomics.
-cudaError_t column_sum(DType dtype, const void* in, int64_t rows, int64_t cols, int64_t ld, void* out,
-                       cudaStream_t stream);
 
 }  // namespace llavamed_fast::projector

@@ -15,14 +15,21 @@
 //   intermediate buffer, no scatter. The pointers must be known on the host: image_offsets on the CPU is
 //   free, on the GPU it costs one small device-to-host copy that waits for the queued work. (cuBLASLt's
 //   pointer-array and grouped batches, which could take device pointers in one launch, allow only the
-//   DEFAULT epilogue, and grouped ones only on sm_100+.)
-// - Backward: dy's image rows are gathered once into a contiguous [N * P, D] buffer, then each gradient is
-//   one GEMM over all N * P rows. Per-image GEMMs would read dy in place but, for dW2 = sum_i dy_i^T a_i,
+//   DEFAULT epilogue, and grouped ones only on sm_100+.) Only the text rows of embeds are copied into the
+//   output (one kernel, driven by a row map built on the device from the offsets); the GEMMs write the
+//   others.
+// - Backward: one pass over dy (split_rows) writes dembeds (text rows copied, image rows zeroed) and
+//   gathers the image rows into a contiguous [N * P, D] buffer; then each gradient is one GEMM over all
+//   N * P rows. Per-image GEMMs would read dy in place but, for dW2 = sum_i dy_i^T a_i,
 //   each would read and write the whole [D, D1] float32 accumulator for only K = P = 576 rows of work:
 //   2 * D * D1 * P flops per 8 * D * D1 bytes = P / 4 = 144 flop/byte, below an H100's ~300 (bf16 tensor
 //   cores over HBM3): memory-bound, N times over. The gather costs one read and one write of N * P * D
 //   elements (57 MB each for 12 images at D = 4096 in bf16, ~40 us on an H100), and buys K = N * P for
-//   dW2, dW1 and db2 (the BGRADB epilogue), one large GEMM for da, and one rounding of dW2 instead of N.
+//   dW2 and dW1, one large GEMM for da, and one rounding of dW2 instead of N.
+// - Bias gradients are torch's column sums (float32 accumulation): measured on an H100, cuBLASLt's BGRADB
+//   epilogue ran as a separate kernel of 40 us per bias, slower than a plain reduction over the same rows.
+// - The forward keeps the GELU's output as well as its input for the backward (dW2 = dy^T gelu(h)):
+//   recomputing it there cost a read and a write of N * P * D1 elements.
 // - Precision: float32 accumulation everywhere (CUBLAS_COMPUTE_32F, no TF32 for float32 inputs, as torch's
 //   default); da = dy W2 is written in float32 so that dh = da * gelu'(h) is rounded once.
 #ifdef LLAVAMED_FAST_WITH_CUDA
@@ -31,6 +38,7 @@
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -233,8 +241,7 @@ uint32_t alignment(const void* pointer) {
 
 enum class Epilogue {
   kNone,
-  kBias,       // D += bias (length m) broadcast over the columns
-  kBiasGradB,  // bias = sum over k of op(B) (length n): the bias gradient from the GEMM's B operand
+  kBias,  // D += bias (length m) broadcast over the columns
 };
 
 struct Product {
@@ -251,7 +258,6 @@ void gemm(const Blas& blas, DType dtype, bool float_output, bool trans_a, bool t
           int64_t k, int64_t lda, int64_t ldb, int64_t ldd, Epilogue epilogue, void* bias,
           const std::vector<Product>& products) {
   TORCH_INTERNAL_ASSERT(epilogue == Epilogue::kNone || (!float_output && bias != nullptr));
-  TORCH_INTERNAL_ASSERT(epilogue != Epilogue::kBiasGradB || (trans_b && products.size() == 1));
   const cudaDataType_t ab_type = cuda_type(dtype);
   const cudaDataType_t d_type = float_output ? CUDA_R_32F : ab_type;
 
@@ -301,11 +307,10 @@ void gemm(const Blas& blas, DType dtype, bool float_output, bool trans_a, bool t
     // bias takes the separate kernel. Otherwise set the pointer before asking, so the heuristics see it.
     if (alignment(bias) >= 16) {
       set(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-      fused = find_algorithm(epilogue == Epilogue::kBias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_BGRADB);
+      fused = find_algorithm(CUBLASLT_EPILOGUE_BIAS);
     }
     if (!fused) {
-      TORCH_WARN_ONCE(kOp, ": cuBLASLt has no ", epilogue == Epilogue::kBias ? "BIAS" : "BGRADB",
-                      " epilogue for a ", m, " x ", n, " x ", k,
+      TORCH_WARN_ONCE(kOp, ": cuBLASLt has no BIAS epilogue for a ", m, " x ", n, " x ", k,
                       " GEMM at these alignments; a separate kernel "
                       "does its work (slower, same result)");
     }
@@ -327,10 +332,6 @@ void gemm(const Blas& blas, DType dtype, bool float_output, bool trans_a, bool t
       // D is n rows (row-major view) of m elements, ldd apart.
       C10_CUDA_CHECK(add_bias(dtype, p.d, n, m, ldd, bias, blas.stream));
     }
-  }
-  if (!fused && epilogue == Epilogue::kBiasGradB) {
-    // op(B) = B^T: B's storage is k rows (row-major view) of n elements, ldb apart.
-    C10_CUDA_CHECK(column_sum(dtype, products.front().b, k, n, ldb, bias, blas.stream));
   }
 }
 
@@ -356,18 +357,43 @@ void linear(const Blas& blas, DType dtype, const at::Tensor& in, const at::Tenso
        b.defined() ? b.mutable_data_ptr() : nullptr, products);
 }
 
-// dW = grad_out^T in ([O, K]) and, when db is defined, db = column sums of grad_out ([O]), for
-// grad_out [rows, O] and in [rows, K]: column-major dW^T (K x O) = A (K x rows, in as stored) * op(B)
-// (rows x O, grad_out as stored, read transposed); db sums op(B) over k = rows: the BGRADB epilogue.
+// dW = grad_out^T in ([O, K]) for grad_out [rows, O] and in [rows, K]: column-major dW^T (K x O) = A (K x
+// rows, in as stored) * op(B) (rows x O, grad_out as stored, read transposed).
 void weight_grad(const Blas& blas, DType dtype, const at::Tensor& grad_out, const at::Tensor& in,
-                 at::Tensor& dw, at::Tensor& db) {
+                 at::Tensor& dw) {
   const int64_t rows = grad_out.size(0);
   const int64_t outputs = grad_out.size(1);
   const int64_t inputs = in.size(1);
   gemm(blas, dtype, /*float_output=*/false, /*trans_a=*/false, /*trans_b=*/true, inputs, outputs, rows,
-       inputs, outputs, inputs, db.defined() ? Epilogue::kBiasGradB : Epilogue::kNone,
-       db.defined() ? db.mutable_data_ptr() : nullptr,
+       inputs, outputs, inputs, Epilogue::kNone, nullptr,
        {{in.const_data_ptr(), grad_out.const_data_ptr(), dw.mutable_data_ptr()}});
+}
+
+// The bias gradient: column sums of grad_out [rows, O], accumulated in float32, in grad_out's dtype.
+at::Tensor bias_grad(const at::Tensor& grad_out) {
+  return at::sum(grad_out, {0}, /*keepdim=*/false, at::kFloat).to(grad_out.scalar_type());
+}
+
+// For each row of a packed [T, ...] tensor: -1 for a text row, else its row in the image-major
+// [N * P, ...] matrix (see mark_image_rows), on x's device. Offsets on the GPU are read there; offsets on
+// the CPU are read on the host (no host-to-device copy, so the op can be captured in a CUDA graph).
+at::Tensor image_row_map(const at::Tensor& image_offsets, const Shapes& s, const at::Tensor& x,
+                         cudaStream_t stream) {
+  TORCH_CHECK_VALUE(s.images * s.tokens <= INT32_MAX && s.total <= INT32_MAX, kOp, ": ", s.images,
+                    " images of ", s.tokens, " tokens in ", s.total, " rows exceed the int32 row map");
+  at::Tensor map = at::empty({s.total}, x.options().dtype(at::kInt));
+  int32_t* data = map.mutable_data_ptr<int32_t>();
+  C10_CUDA_CHECK(cudaMemsetAsync(data, 0xFF, s.total * sizeof(int32_t), stream));  // -1: text rows
+  if (image_offsets.is_cpu()) {
+    const std::vector<int64_t> offsets = host_offsets(image_offsets, s);
+    for (int64_t i = 0; i < s.images; ++i) {
+      C10_CUDA_CHECK(mark_rows(offsets[i], i * s.tokens, s.tokens, data, stream));
+    }
+  } else {
+    const at::Tensor offsets = image_offsets.contiguous();
+    C10_CUDA_CHECK(mark_image_rows(offsets.const_data_ptr<int64_t>(), s.images, s.tokens, s.total, data, stream));
+  }
+  return map;
 }
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
@@ -390,35 +416,49 @@ std::tuple<at::Tensor, at::Tensor> projector_cuda_forward(const at::Tensor& x, c
   // Checked before any work is queued.
   const std::vector<int64_t> offsets =
       embeds.has_value() ? host_offsets(*image_offsets, s) : std::vector<int64_t>();
-  at::Tensor out = embeds.has_value() ? embeds->clone(at::MemoryFormat::Contiguous)
-                                      : at::empty({s.images, s.tokens, s.width}, x.options());
-  at::Tensor pre_activation =
-      s.mlp ? at::empty({s.images, s.tokens, s.hidden}, x.options()) : at::empty({0}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor out;
+  if (!embeds.has_value()) {
+    out = at::empty({s.images, s.tokens, s.width}, x.options());
+  } else if (rows == 0) {
+    out = embeds->clone(at::MemoryFormat::Contiguous);
+  } else {
+    // The text rows only: the last GEMM writes the image rows.
+    const at::Tensor embeds_c = embeds->contiguous();
+    out = at::empty_like(embeds_c);
+    const at::Tensor map = image_row_map(*image_offsets, s, x, stream);
+    C10_CUDA_CHECK(split_rows(dtype, embeds_c.const_data_ptr(), s.total, s.width, map.const_data_ptr<int32_t>(),
+                              out.mutable_data_ptr(), /*zero_images=*/false, nullptr, stream));
+  }
+  // The GELU's input and output for the backward: [2, N, P, D1].
+  at::Tensor activations = s.mlp ? at::empty({2, s.images, s.tokens, s.hidden}, x.options())
+                                 : at::empty({0}, x.options());
   if (rows == 0) {
-    return {out, pre_activation};
+    return {out, activations};
   }
   const at::Tensor xc = x.contiguous();
   const Blas blas = current_blas();
   const std::vector<int64_t>* into = embeds.has_value() ? &offsets : nullptr;
   if (!s.mlp) {
     linear(blas, dtype, xc, w1.contiguous(), contiguous_or_undefined(b1), out, into, s.images, s.tokens);
-    return {out, pre_activation};
+    return {out, activations};
   }
+  at::Tensor pre_activation = activations[0];
+  at::Tensor activation = activations[1];
   linear(blas, dtype, xc, w1.contiguous(), contiguous_or_undefined(b1), pre_activation, nullptr, s.images,
          s.tokens);
-  at::Tensor activation = at::empty_like(pre_activation);
   C10_CUDA_CHECK(gelu_forward(dtype, pre_activation.const_data_ptr(), activation.mutable_data_ptr(),
                               pre_activation.numel(), blas.stream));
   linear(blas, dtype, activation, w2->contiguous(), contiguous_or_undefined(b2), out, into, s.images,
          s.tokens);
-  return {out, pre_activation};
+  return {out, activations};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> projector_cuda_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& embeds, const std::optional<at::Tensor>& image_offsets,
-    const at::Tensor& pre_activation, std::array<bool, 6> needs) {
+    const at::Tensor& activations, std::array<bool, 6> needs) {
   const Shapes s = check_inputs(x, w1, b1, w2, b2, embeds, image_offsets);
   const int64_t rows = s.images * s.tokens;
   if (embeds.has_value()) {
@@ -427,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_like_x(dy, "dy", x, {s.images, s.tokens, s.width});
   }
   if (s.mlp) {
-    check_like_x(pre_activation, "pre_activation", x, {s.images, s.tokens, s.hidden});
+    check_like_x(activations, "activations", x, {2, s.images, s.tokens, s.hidden});
   }
   const c10::cuda::CUDAGuard device_guard(x.device());
   const DType dtype = dtype_of(x);
@@ -441,41 +481,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::array<at::Tensor, 6> grads;  // dx, dw1, db1, dw2, db2, dembeds; undefined: not computed
 
   const at::Tensor dyc = dy.contiguous();
-  const std::vector<int64_t> offsets = embeds.has_value() && image_offsets->is_cpu()
-                                           ? host_offsets(*image_offsets, s)
-                                           : std::vector<int64_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (want_embeds) {
-    grads[5] = dyc.clone();  // image rows are zeroed below: text rows pass dy through untouched
-  }
   // dy's image rows as one [rows, D] matrix: dy itself without embeds, else gathered.
   at::Tensor dy_images = embeds.has_value() ? at::Tensor() : dyc.view({rows, s.width});
-  if (embeds.has_value() && (want_params || want_embeds) && rows > 0) {
+  if (want_embeds && rows == 0) {
+    grads[5] = dyc.clone();  // no image rows: dy passes through untouched
+  } else if (embeds.has_value() && (want_params || want_embeds) && rows > 0) {
+    // One pass over dy: text rows to dembeds, image rows zeroed there and gathered for the GEMMs. The
+    // row map is built on the device, so the backward never waits for it.
     if (want_params) {
       dy_images = at::empty({rows, s.width}, dy.options());
     }
-    void* gathered = want_params ? dy_images.mutable_data_ptr() : nullptr;
-    void* zeroed = want_embeds ? grads[5].mutable_data_ptr() : nullptr;
-    if (image_offsets->is_cpu()) {
-      // Host offsets: plain copies and memsets, nothing read on the device (graph capture friendly).
-      const size_t bytes = static_cast<size_t>(s.tokens * s.width * dy.element_size());
-      for (int64_t i = 0; i < s.images; ++i) {
-        if (gathered != nullptr) {
-          C10_CUDA_CHECK(cudaMemcpyAsync(row_ptr(dy_images, i * s.tokens, s.width),
-                                         row_ptr(dyc, offsets[i], s.width), bytes, cudaMemcpyDeviceToDevice,
-                                         stream));
-        }
-        if (zeroed != nullptr) {
-          C10_CUDA_CHECK(cudaMemsetAsync(row_ptr(grads[5], offsets[i], s.width), 0, bytes, stream));
-        }
-      }
-    } else {
-      // Device offsets: one kernel reads them, so the backward never waits for the device.
-      const at::Tensor device_offsets = image_offsets->contiguous();
-      C10_CUDA_CHECK(gather_image_rows(dtype, dyc.const_data_ptr(), s.total,
-                                       device_offsets.const_data_ptr<int64_t>(), s.images, s.tokens, s.width,
-                                       gathered, zeroed, stream));
+    if (want_embeds) {
+      grads[5] = at::empty_like(dyc);
     }
+    const at::Tensor map = image_row_map(*image_offsets, s, x, stream);
+    C10_CUDA_CHECK(split_rows(dtype, dyc.const_data_ptr(), s.total, s.width, map.const_data_ptr<int32_t>(),
+                              want_embeds ? grads[5].mutable_data_ptr() : nullptr, /*zero_images=*/true,
+                              want_params ? dy_images.mutable_data_ptr() : nullptr, stream));
   }
 
   if (want_params && rows == 0) {
@@ -489,18 +512,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Blas blas = current_blas();
     at::Tensor dh;  // [rows, D1]: the gradient at the first layer's output
     if (s.mlp) {
-      const at::Tensor h = pre_activation.contiguous().view({rows, s.hidden});
+      const at::Tensor saved = activations.contiguous();
+      const at::Tensor h = saved[0].view({rows, s.hidden});
       if (want_w2) {
-        at::Tensor activation = at::empty({rows, s.hidden}, x.options());
-        C10_CUDA_CHECK(gelu_forward(dtype, h.const_data_ptr(), activation.mutable_data_ptr(),
-                                    activation.numel(), blas.stream));
         grads[3] = at::empty({s.width, s.hidden}, x.options());
-        if (want_b2) grads[4] = at::empty({s.width}, x.options());
-        weight_grad(blas, dtype, dy_images, activation, grads[3], grads[4]);
-      } else if (want_b2) {
-        grads[4] = at::empty({s.width}, x.options());
-        C10_CUDA_CHECK(column_sum(dtype, dy_images.const_data_ptr(), rows, s.width, s.width,
-                                  grads[4].mutable_data_ptr(), blas.stream));
+        weight_grad(blas, dtype, dy_images, saved[1].view({rows, s.hidden}), grads[3]);
+      }
+      if (want_b2) {
+        grads[4] = bias_grad(dy_images);
       }
       if (want_x || want_w1 || want_b1) {
         const at::Tensor w2c = w2->contiguous();
@@ -520,12 +539,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor xc = x.contiguous().view({rows, s.channels});
     if (want_w1) {
       grads[1] = at::empty({s.hidden, s.channels}, x.options());
-      if (want_b1) grads[2] = at::empty({s.hidden}, x.options());
-      weight_grad(blas, dtype, dh, xc, grads[1], grads[2]);
-    } else if (want_b1) {
-      grads[2] = at::empty({s.hidden}, x.options());
-      C10_CUDA_CHECK(column_sum(dtype, dh.const_data_ptr(), rows, s.hidden, s.hidden,
-                                grads[2].mutable_data_ptr(), blas.stream));
+      weight_grad(blas, dtype, dh, xc, grads[1]);
+    }
+    if (want_b1) {
+      grads[2] = bias_grad(dh);
     }
     if (want_x) {
       // Row-major dx [rows, C] = dh [rows, D1] W1 [D1, C], i.e. column-major dx^T (C x rows) = W1^T (w1 as
@@ -556,7 +573,7 @@ TORCH_LIBRARY_FRAGMENT(llavamed_fast, m) {
       "Tensor? image_offsets) -> (Tensor, Tensor)");
   m.def(
       "projector_cuda_backward(Tensor dy, Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, "
-      "Tensor? embeds, Tensor? image_offsets, Tensor pre_activation, bool[6] needs) "
+      "Tensor? embeds, Tensor? image_offsets, Tensor activations, bool[6] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

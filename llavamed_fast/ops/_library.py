@@ -96,8 +96,9 @@ class TorchVarlenAttention:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# projector: forward -> (y, pre_activation): y is [N, P, D], or embeds [T, D] with the image rows replaced;
-# pre_activation is the GELU's input [N, P, D1] kept for the backward (empty for the linear projector).
+# projector: forward -> (y, activations): y is [N, P, D], or embeds [T, D] with the image rows replaced;
+# activations are the GELU's input and output [2, N, P, D1] kept for the backward (empty for the linear
+# projector).
 # backward -> (dx, dw1, db1, dw2, db2, dembeds), an empty tensor where no gradient is wanted or the input is absent
 
 
@@ -112,17 +113,17 @@ def projector_op(
     image_offsets: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, pre_activation = _kernels("projector", backend).forward(x, w1, b1, w2, b2, embeds, image_offsets)
-    return y, pre_activation
+    y, activations = _kernels("projector", backend).forward(x, w1, b1, w2, b2, embeds, image_offsets)
+    return y, activations
 
 
 @projector_op.register_fake
 def _(x, w1, b1, w2, b2, embeds, image_offsets, backend):
-    pre_activation = x.new_empty((*x.shape[:-1], w1.shape[0]) if w2 is not None else (0,))
+    activations = x.new_empty((2, *x.shape[:-1], w1.shape[0]) if w2 is not None else (0,))
     if embeds is not None:
-        return torch.empty_like(embeds), pre_activation
+        return torch.empty_like(embeds), activations
     width = (w2 if w2 is not None else w1).shape[0]
-    return x.new_empty((*x.shape[:-1], width)), pre_activation
+    return x.new_empty((*x.shape[:-1], width)), activations
 
 
 @torch.library.custom_op("llavamed_fast::projector_backward", mutates_args=())
@@ -135,18 +136,18 @@ def projector_backward_op(
     b2: torch.Tensor | None,
     embeds: torch.Tensor | None,
     image_offsets: torch.Tensor | None,
-    pre_activation: torch.Tensor,
+    activations: torch.Tensor,
     needs: list[bool],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _kernels("projector", backend).backward(
-        dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs
+        dy, x, w1, b1, w2, b2, embeds, image_offsets, activations, needs
     )
     return tuple(_empty(dy) if g is None else g for g in grads)
 
 
 @projector_backward_op.register_fake
-def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs, backend):
+def _(dy, x, w1, b1, w2, b2, embeds, image_offsets, activations, needs, backend):
     inputs = (x, w1, b1, w2, b2, embeds)
     return tuple(
         torch.empty_like(t) if need and t is not None else dy.new_empty(0)
@@ -160,11 +161,11 @@ def _projector_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _projector_backward(ctx, dy, _dpre_activation):
-    x, w1, b1, w2, b2, embeds, image_offsets, pre_activation = ctx.saved_tensors
+def _projector_backward(ctx, dy, _dactivations):
+    x, w1, b1, w2, b2, embeds, image_offsets, activations = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     grads = projector_backward_op(
-        dy.contiguous(), x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs, ctx.backend
+        dy.contiguous(), x, w1, b1, w2, b2, embeds, image_offsets, activations, needs, ctx.backend
     )
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None)
 

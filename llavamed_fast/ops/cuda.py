@@ -27,7 +27,8 @@ class CudaProjector:
 
     ``image_offsets`` may live on the CPU or on the GPU. The forward needs them on the host (the GEMMs'
     output pointers): on the GPU that is one small device-to-host copy that waits for the queued work; on
-    the CPU it is free and the forward and backward can be captured in a CUDA graph.
+    the CPU it is free. The row moves (text rows of ``embeds``, image rows of the output gradient) are
+    driven by a row map built on the GPU, so the backward never waits.
     """
 
     @staticmethod
@@ -40,8 +41,8 @@ class CudaProjector:
         embeds: torch.Tensor | None,
         image_offsets: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, pre_activation = _cuda_op("projector_cuda_forward")(x, w1, b1, w2, b2, embeds, image_offsets)
-        return y, pre_activation
+        y, activations = _cuda_op("projector_cuda_forward")(x, w1, b1, w2, b2, embeds, image_offsets)
+        return y, activations
 
     @staticmethod
     def backward(
@@ -53,12 +54,12 @@ class CudaProjector:
         b2: torch.Tensor | None,
         embeds: torch.Tensor | None,
         image_offsets: torch.Tensor | None,
-        pre_activation: torch.Tensor,
+        activations: torch.Tensor,
         needs: list[bool] | tuple[bool, ...],
     ) -> tuple[torch.Tensor | None, ...]:
         needs = [bool(need) for need in needs]
         grads = _cuda_op("projector_cuda_backward")(
-            dy, x, w1, b1, w2, b2, embeds, image_offsets, pre_activation, needs
+            dy, x, w1, b1, w2, b2, embeds, image_offsets, activations, needs
         )
         inputs = (x, w1, b1, w2, b2, embeds)
         return tuple(

@@ -112,16 +112,18 @@ def projector_forward(
     embeds: torch.Tensor | None = None,
     image_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`projector` and the GELU's input ``[N, P, D1]`` for the backward (empty for ``linear``)."""
+    """:func:`projector` and, for the backward, the GELU's input and output stacked ``[2, N, P, D1]``
+    (empty for ``linear``)."""
     h = F.linear(x, w1, b1)
     if w2 is None:
-        y, pre_activation = h, h.new_empty(0)
+        y, activations = h, h.new_empty(0)
     else:
-        y, pre_activation = F.linear(F.gelu(h), w2, b2), h
+        activations = torch.stack([h, F.gelu(h)])
+        y = F.linear(activations[1], w2, b2)
     if embeds is None:
-        return y, pre_activation
+        return y, activations
     rows = _image_rows(image_offsets, x.shape[1])
-    return embeds.index_copy(0, rows, y.reshape(rows.numel(), -1).to(embeds.dtype)), pre_activation
+    return embeds.index_copy(0, rows, y.reshape(rows.numel(), -1).to(embeds.dtype)), activations
 
 
 def projector(
@@ -158,12 +160,12 @@ def projector_backward(
     b2: torch.Tensor | None,
     embeds: torch.Tensor | None,
     image_offsets: torch.Tensor | None,
-    pre_activation: torch.Tensor,
+    activations: torch.Tensor,
     needs: tuple[bool, ...] = (True,) * 6,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`projector` for ``(x, w1, b1, w2, b2, embeds)``; None where not needed.
 
-    ``pre_activation`` is what :func:`projector_forward` returned with the output.
+    ``activations`` is what :func:`projector_forward` returned with the output.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     dembeds = None
@@ -178,8 +180,8 @@ def projector_backward(
         dh = dyf
         dw2 = db2 = None
     else:
-        h = pre_activation.reshape(-1, pre_activation.shape[-1]).to(compute)
-        dw2 = (dyf.t() @ F.gelu(h)).to(w2.dtype) if needs[3] else None
+        h, a = (t.reshape(-1, t.shape[-1]).to(compute) for t in activations)
+        dw2 = (dyf.t() @ a).to(w2.dtype) if needs[3] else None
         db2 = dyf.sum(0).to(b2.dtype) if b2 is not None and needs[4] else None
         dh = (dyf @ w2.to(compute)) * _gelu_grad(h)
     dw1 = (dh.t() @ xf).to(w1.dtype) if needs[1] else None

@@ -193,10 +193,10 @@ def test_gpu_awkward_shapes_match_float64_oracle(case, dtype):
 def test_gpu_frozen_vision_features_get_no_gradient(offsets_on):
     x, w1, b1, w2, b2, embeds, offsets, dy = _inputs(3, 8, 40, 48, 64, 40, torch.bfloat16)
     offsets = offsets.to(offsets_on)
-    _, pre_activation = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
+    _, activations = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
     needs = [False, True, True, True, True, False]
     dx, dw1, db1, dw2, db2, dembeds = CudaProjector.backward(
-        dy, x, w1, b1, w2, b2, embeds, offsets, pre_activation, needs
+        dy, x, w1, b1, w2, b2, embeds, offsets, activations, needs
     )
     assert dx is None and dembeds is None
     assert all(g is not None for g in (dw1, db1, dw2, db2))
@@ -208,11 +208,11 @@ def test_gpu_frozen_vision_features_get_no_gradient(offsets_on):
 @pytest.mark.gpu
 def test_gpu_only_asked_gradients_are_computed():
     x, w1, b1, w2, b2, embeds, offsets, dy = _inputs(2, 4, 16, 24, 32, 20, torch.float32)
-    _, pre_activation = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
-    everything = CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, pre_activation, [True] * 6)
+    _, activations = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
+    everything = CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, activations, [True] * 6)
     for i in range(6):
         needs = [j == i for j in range(6)]
-        grads = CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, pre_activation, needs)
+        grads = CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, activations, needs)
         for j, (g, full) in enumerate(zip(grads, everything, strict=True)):
             if j == i:
                 # A bias gradient alone is a column sum, with the weight's GEMM its epilogue: not bitwise.
@@ -258,8 +258,8 @@ def test_gpu_graph_capture_on_a_side_stream_replays_the_eager_result():
     needs = [True] * 6
 
     def step():
-        y, pre_activation = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
-        return (y, *CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, pre_activation, needs))
+        y, activations = CudaProjector.forward(x, w1, b1, w2, b2, embeds, offsets)
+        return (y, *CudaProjector.backward(dy, x, w1, b1, w2, b2, embeds, offsets, activations, needs))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
