@@ -159,9 +159,13 @@ def _projector_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, embeds, image_offsets, backend = inputs
     ctx.save_for_backward(x, w1, b1, w2, b2, embeds, image_offsets, output[1])
     ctx.backend = backend
+    # Nothing flows back through the saved activations: no zero [2, N, P, D1] tensor for their gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _projector_backward(ctx, dy, _dactivations):
+    if dy is None:  # only the activations output was used: it is not differentiable
+        return (None,) * 8
     x, w1, b1, w2, b2, embeds, image_offsets, activations = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
     grads = projector_backward_op(
