@@ -7,15 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch is imported by the commands that need it, never here: data curation runs without it.
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _init(args: argparse.Namespace) -> int:
-    from llavamed_fast.model import build, save_pretrained
+    import torch
 
-    model, processor = build(args.preset, seed=args.seed, dtype=DTYPES[args.dtype])
+    from llavamed_fast.model import build, save_pretrained
+    from llavamed_fast.model.config import PRESETS
+
+    if args.preset not in PRESETS:
+        print(f"init: unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        return 2
+    model, processor = build(args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
     path = save_pretrained(model, processor, args.out, overwrite=args.overwrite)
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote a random-init {args.preset} checkpoint ({count:,} parameters) to {path}")
@@ -30,23 +35,45 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
+    import torch
+
     from llavamed_fast import ops
 
-    print(json.dumps(ops.REGISTRY.describe(args.device), indent=2))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps(ops.REGISTRY.describe(device), indent=2))
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    from llavamed_fast.model.config import PRESETS
+def _curate_pmc(args: argparse.Namespace) -> int:
+    from llavamed_fast.data import pmc
 
+    files = pmc.article_files(args.input)
+    if not files:
+        print(f"curate pmc: no .nxml/.xml files in {', '.join(args.input)}", file=sys.stderr)
+        return 2
+    records, errors = pmc.parse_files(files)
+    count = pmc.write_jsonl(records, args.out)
+    for error in errors:
+        print(f"curate pmc: skipped {error}", file=sys.stderr)
+    articles = len({r.source for r in records})
+    print(
+        f"{count} figures from {articles} articles -> {args.out}"
+        + (f"; {len(errors)} of {len(files)} files could not be read" if errors else "")
+    )
+    return 1 if errors else 0
+
+
+def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="write a random-init checkpoint of a preset (HF LLaVA layout)")
-    init.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    init.add_argument(
+        "--preset", required=True, help="a model preset (llava-med-v0, llava-med-v1.5, tiny-v0, ...)"
+    )
     init.add_argument("--out", required=True, help="checkpoint directory to create")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    init.add_argument("--dtype", choices=DTYPES, default="float32")
     init.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
     init.set_defaults(run=_init)
 
@@ -64,8 +91,15 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("train", help="train a recipe: llavamed-fast train --recipe NAME --out DIR ...")
 
     backends = commands.add_parser("backends", help="which implementation each op uses")
-    backends.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    backends.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     backends.set_defaults(run=_backends)
+
+    curate = commands.add_parser("curate", help="data curation: PMC figures, alignment and instruction data")
+    steps = curate.add_subparsers(dest="step", required=True)
+    pmc = steps.add_parser("pmc", help="PMC JATS articles -> figure records (JSONL)")
+    pmc.add_argument("--input", nargs="+", required=True, help=".nxml/.xml files or folders of them")
+    pmc.add_argument("--out", required=True, help="FIGURES.jsonl to write")
+    pmc.set_defaults(run=_curate_pmc)
     return root
 
 

@@ -1,0 +1,355 @@
+"""PubMed Central JATS articles -> figure records (caption, graphic, inline mentions, licence).
+
+Pure Python (lxml), no torch. One record per ``<fig>``:
+
+``{"pair_id", "pmcid", "pmid", "figure_id", "label", "caption", "caption_title", "graphic", "fig_group",
+"mentions", "licence": {"code", "commercial_use", "url", "text"}, "source"}``
+
+- The article is the root element, or any ``<article>`` below a wrapper (OAI-PMH ``GetRecord`` /
+  ``ListRecords`` responses hold one or several); namespaces on element names are ignored, so a default
+  JATS namespace parses the same as none.
+- ``caption`` is the caption's title and paragraphs as plain text; ``graphic`` the ``xlink:href`` of the
+  figure's own ``<graphic>`` (None without one); ``fig_group`` the id of an enclosing ``<fig-group>``.
+- ``mentions`` are the sentences of the body's paragraphs that hold an ``<xref ref-type="fig">`` whose
+  ``rid`` names the figure (or its group), however deeply the xref is nested in other markup and however
+  many figures it names; in document order, each sentence once. Figures, tables and boxes inside a
+  paragraph are not part of its text.
+- A file that is not well-formed XML raises :class:`PmcError` naming the file and line; batch parsing
+  (:func:`parse_files`) reports it and goes on with the other files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lxml import etree
+
+XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+# Elements whose text is not part of the paragraph around them.
+_NOT_PARAGRAPH_TEXT = {
+    "fig",
+    "fig-group",
+    "table-wrap",
+    "table-wrap-group",
+    "boxed-text",
+    "p",
+    "supplementary-material",
+}
+
+
+class PmcError(ValueError):
+    """An article that cannot be read; the message names the file (and line, for XML errors)."""
+
+
+@dataclass
+class Licence:
+    code: str  # "CC0", "public-domain", "CC BY", "CC BY-NC-SA", ..., or "unknown"
+    commercial_use: bool | None  # None when the licence could not be classified
+    url: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class FigureRecord:
+    pair_id: str
+    pmcid: str | None
+    pmid: str | None
+    figure_id: str
+    label: str | None
+    caption: str
+    caption_title: str | None
+    graphic: str | None
+    fig_group: str | None
+    mentions: list[str] = field(default_factory=list)
+    licence: Licence | None = None
+    source: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text helpers
+
+
+def _local(tag: object) -> str:
+    # Comments and processing instructions have a function as their tag.
+    return etree.QName(tag).localname if isinstance(tag, str) else ""
+
+
+def _children(element: etree._Element, name: str) -> list[etree._Element]:
+    return [child for child in element if _local(child.tag) == name]
+
+
+def _descendants(element: etree._Element, name: str) -> Iterator[etree._Element]:
+    return (node for node in element.iter() if _local(node.tag) == name)
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _text(element: etree._Element | None) -> str:
+    return "" if element is None else _clean("".join(element.itertext()))
+
+
+# Abbreviations after which a period does not end a sentence (lower-cased, without the period).
+_ABBREVIATIONS = {
+    "fig", "figs", "e.g", "i.e", "et al", "al", "vs", "ref", "refs", "no", "nos", "approx", "ca", "cf", "resp",
+    "eq", "eqs", "dr", "mr", "mrs", "ms", "prof", "st", "sp", "spp", "var", "inc", "ltd", "co", "vol", "pp",
+    "suppl", "min", "max", "mol", "wt", "conc", "temp", "dept", "univ", "jan", "feb", "mar", "apr", "jun",
+    "jul", "aug", "sep", "sept", "oct", "nov", "dec", "tab",
+}  # fmt: skip
+_BOUNDARY = re.compile(r"[.!?](?:[\"')\]]*)\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``: split after ``.``, ``!`` or ``?`` followed by space and
+    a capital letter or digit, except after abbreviations (``Fig.``, ``et al.``, ``e.g.``). A genus initial
+    (``M. tuberculosis``) is followed by a lower-case word, so it never ends a sentence; a capital letter
+    before a period does ("... in panel B. Cells ...")."""
+    spans, start = [], 0
+    for match in _BOUNDARY.finditer(text):
+        stop = match.start() + 1
+        word = re.search(r"(\S+)$", text[start : match.start()])
+        token = word.group(1).lower() if word else ""
+        bare = token.lstrip("(\"'[")
+        if (
+            text[match.start()] == "."
+            and (
+                bare in _ABBREVIATIONS
+                or bare.rstrip(".") in _ABBREVIATIONS
+                or re.fullmatch(r"(?:[a-z]\.)+[a-z]", bare)  # "e.g", "i.e", "u.s"
+                or text[max(start, match.start() - 6) : match.start()].lower().endswith("et al")
+            )
+        ):
+            continue
+        spans.append((start, stop))
+        start = match.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return [(a, b) for a, b in spans if text[a:b].strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Article parts
+
+
+def _article_ids(article: etree._Element) -> tuple[str | None, str | None]:
+    pmcid = pmid = None
+    meta = next(_descendants(article, "article-meta"), None)
+    for node in _children(meta, "article-id") if meta is not None else []:
+        kind, value = node.get("pub-id-type", ""), _text(node)
+        if kind == "pmid" and value:
+            pmid = value
+        elif kind in ("pmc", "pmcid") and value:
+            pmcid = value if value.upper().startswith("PMC") else f"PMC{value}"
+    return pmcid, pmid
+
+
+def classify_licence(url: str | None, text: str | None, licence_type: str | None) -> Licence:
+    """The licence's short code and whether it allows commercial use, from its URL, text and type."""
+    haystack = " ".join(x for x in (url, text, licence_type) if x).lower()
+    found = re.search(r"creativecommons\.org/licenses/([a-z-]+)", haystack)
+    if found:
+        code = "CC " + found.group(1).upper()
+    elif "publicdomain/zero" in haystack or re.search(r"\bcc0\b", haystack):
+        code = "CC0"
+    elif "publicdomain" in haystack or "public domain" in haystack or "public-domain" in haystack:
+        code = "public-domain"
+    elif re.search(r"non-?commercial", haystack) and "attribution" in haystack:
+        code = "CC BY-NC"
+    elif "creative commons attribution" in haystack or licence_type in ("cc-by", "CC BY"):
+        code = "CC BY"
+    else:
+        return Licence("unknown", None, url, text)
+    return Licence(code, "-NC" not in code, url, text)
+
+
+def _licence(article: etree._Element) -> Licence:
+    meta = next(_descendants(article, "article-meta"), None)
+    permissions = next(_descendants(meta, "permissions"), None) if meta is not None else None
+    scope = permissions if permissions is not None else meta
+    if scope is None:
+        return Licence("unknown", None)
+    licence = next(_descendants(scope, "license"), None)
+    url = licence_type = None
+    text = ""
+    if licence is not None:
+        url = licence.get(XLINK_HREF)
+        licence_type = licence.get("license-type")
+        # JATS 1.2+: <ali:license_ref>URL</ali:license_ref>
+        ref = next(_descendants(licence, "license_ref"), None)
+        url = url or (_text(ref) or None)
+        text = _text(licence)
+    if not text:
+        text = _text(next(_descendants(scope, "copyright-statement"), None))
+    return classify_licence(url, text or None, licence_type)
+
+
+def _own_graphic(fig: etree._Element) -> str | None:
+    # The figure's image: a <graphic> of the figure itself (also inside <alternatives>), not one inside its
+    # caption or a nested figure.
+    stack = list(fig)
+    while stack:
+        node = stack.pop(0)
+        name = _local(node.tag)
+        if name == "graphic" and node.get(XLINK_HREF):
+            return node.get(XLINK_HREF)
+        if name not in ("caption", "fig"):
+            stack.extend(node)
+    return None
+
+
+def _paragraph_text(paragraph: etree._Element) -> tuple[str, list[tuple[int, int, list[str]]]]:
+    """The paragraph's text and, for each figure xref in it, ``(start, end, rids)`` in that text."""
+    pieces: list[str] = []
+    xrefs: list[tuple[int, int, list[str]]] = []
+    length = 0
+
+    def add(text: str | None) -> None:
+        nonlocal length
+        if text:
+            pieces.append(text)
+            length += len(text)
+
+    def walk(node: etree._Element) -> None:
+        add(node.text)
+        for child in node:
+            name = _local(child.tag)
+            if name in _NOT_PARAGRAPH_TEXT:
+                add(" ")
+            else:
+                begin = length
+                walk(child)
+                if name == "xref" and child.get("ref-type") == "fig":
+                    xrefs.append((begin, length, child.get("rid", "").split()))
+            add(child.tail)
+
+    walk(paragraph)
+    return "".join(pieces), xrefs
+
+
+def _mentions(article: etree._Element) -> dict[str, list[str]]:
+    """Figure (or group) id -> the body sentences that refer to it, in document order, each once."""
+    found: dict[str, list[str]] = {}
+    for body in _descendants(article, "body"):
+        for paragraph in _descendants(body, "p"):
+            if any(_local(a.tag) in ("fig", "table-wrap", "caption") for a in paragraph.iterancestors()):
+                continue  # a caption's paragraph, not the article's text
+            text, xrefs = _paragraph_text(paragraph)
+            if not xrefs:
+                continue
+            spans = sentence_spans(text)
+            for begin, _end, rids in xrefs:
+                # The sentence the xref starts in: the last one starting at or before it.
+                start, stop = max((span for span in spans if span[0] <= begin), default=spans[0])
+                sentence = _clean(text[start:stop])
+                for rid in rids:
+                    sentences = found.setdefault(rid, [])
+                    if sentence not in sentences:
+                        sentences.append(sentence)
+    return found
+
+
+def _articles(root: etree._Element) -> list[etree._Element]:
+    if _local(root.tag) == "article":
+        return [root]
+    return [node for node in root.iter() if _local(node.tag) == "article"]
+
+
+def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
+    """Every figure of the article(s) in one JATS file (``.nxml``/``.xml``, or an OAI-PMH response)."""
+    path = Path(path)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
+    try:
+        root = etree.parse(str(path), parser).getroot()
+    except etree.XMLSyntaxError as error:
+        raise PmcError(f"{path}: line {error.lineno}: not well-formed XML: {error.msg}") from None
+    except OSError as error:
+        raise PmcError(f"{path}: cannot read: {error}") from None
+    articles = _articles(root)
+    if not articles:
+        raise PmcError(f"{path}: no <article> element (root is <{_local(root.tag)}>)")
+    records = []
+    for article in articles:
+        pmcid, pmid = _article_ids(article)
+        licence = _licence(article)
+        mentions = _mentions(article)
+        for number, fig in enumerate(_descendants(article, "fig"), start=1):
+            figure_id = fig.get("id") or f"fig-{number}"
+            parent = fig.getparent()
+            group = parent.get("id") if parent is not None and _local(parent.tag) == "fig-group" else None
+            caption = next(iter(_children(fig, "caption")), None)
+            title = _text(next(iter(_children(caption, "title")), None)) if caption is not None else ""
+            paragraphs = [_text(p) for p in _children(caption, "p")] if caption is not None else []
+            sentences = list(mentions.get(figure_id, []))
+            for sentence in mentions.get(group, []) if group else []:
+                if sentence not in sentences:
+                    sentences.append(sentence)
+            records.append(
+                FigureRecord(
+                    pair_id=f"{pmcid or pmid or path.stem}_{figure_id}",
+                    pmcid=pmcid,
+                    pmid=pmid,
+                    figure_id=figure_id,
+                    label=_text(next(iter(_children(fig, "label")), None)) or None,
+                    caption=_clean(" ".join(x for x in (title, *paragraphs) if x)),
+                    caption_title=title or None,
+                    graphic=_own_graphic(fig),
+                    fig_group=group,
+                    mentions=sentences,
+                    licence=licence,
+                    source=path.name,
+                )
+            )
+    return records
+
+
+def article_files(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files named, and the ``.nxml``/``.xml`` files below the folders named, sorted per folder."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in (".nxml", ".xml") and p.is_file()
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def parse_files(
+    inputs: Iterable[str | os.PathLike[str]],
+) -> tuple[list[FigureRecord], list[str]]:
+    """Figure records of every readable article, and one error message per file that could not be read."""
+    records: list[FigureRecord] = []
+    errors: list[str] = []
+    for path in article_files(inputs):
+        try:
+            records += parse_article(path)
+        except PmcError as error:
+            errors.append(str(error))
+    return records, errors
+
+
+def write_jsonl(records: Iterable[FigureRecord], out: str | os.PathLike[str]) -> int:
+    """Write records as JSONL atomically (a temporary file, fsync, rename); returns the count."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    count = 0
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(record.to_json() + "\n")
+            count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, out)
+    return count
