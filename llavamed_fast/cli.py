@@ -63,6 +63,38 @@ def _curate_pmc(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _curate_align(args: argparse.Namespace) -> int:
+    from llavamed_fast.data import alignment, selection
+
+    records, skipped, errors = [], {"licence": 0, "domain": 0, "compound": 0, "no caption": 0}, []
+    try:
+        for number, figure in alignment.read_jsonl(args.input):
+            if not selection.licence_allows(figure.get("licence"), args.licence):
+                skipped["licence"] += 1
+            elif args.domain and not any((figure.get("domain") or {}).get(d) for d in args.domain):
+                skipped["domain"] += 1
+            elif args.skip_compound and figure.get("compound"):
+                skipped["compound"] += 1
+            elif not (figure.get("caption") or "").strip():
+                skipped["no caption"] += 1
+            else:
+                try:
+                    records.append(
+                        alignment.alignment_record(figure, seed=args.seed, image_name=args.image_name)
+                    )
+                except (KeyError, ValueError) as error:
+                    errors.append(f"{args.input}: line {number}: {error}")
+    except (OSError, ValueError) as error:
+        print(f"curate align: {error}", file=sys.stderr)
+        return 2
+    alignment.write_json(records, args.out)
+    for error in errors:
+        print(f"curate align: skipped {error}", file=sys.stderr)
+    left_out = ", ".join(f"{count} {why}" for why, count in skipped.items() if count)
+    print(f"{len(records)} alignment records -> {args.out}" + (f"; left out: {left_out}" if left_out else ""))
+    return 1 if errors else 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -100,6 +132,21 @@ def parser() -> argparse.ArgumentParser:
     pmc.add_argument("--input", nargs="+", required=True, help=".nxml/.xml files or folders of them")
     pmc.add_argument("--out", required=True, help="FIGURES.jsonl to write")
     pmc.set_defaults(run=_curate_pmc)
+    align = steps.add_parser("align", help="figure records -> stage-1 alignment records (LLaVA JSON)")
+    align.add_argument("--input", required=True, help="FIGURES.jsonl from 'curate pmc'")
+    align.add_argument("--out", required=True, help="ALIGN.json to write")
+    align.add_argument("--seed", type=int, default=0, help="instruction wording and <image> placement")
+    align.add_argument(
+        "--licence", default="any", choices=("commercial", "any", "any-including-unknown"),
+        help="commercial: only licences that allow commercial use; any: every classified licence",
+    )  # fmt: skip
+    align.add_argument(
+        "--domain", nargs="*", default=[], choices=("chest_xray", "ct_scan", "mri", "histology", "gross"),
+        help="keep only figures of these modalities (default: all figures)",
+    )  # fmt: skip
+    align.add_argument("--skip-compound", action="store_true", help="leave out multi-panel figures")
+    align.add_argument("--image-name", default="{pair_id}.jpg", help="image file name, from record fields")
+    align.set_defaults(run=_curate_align)
     return root
 
 

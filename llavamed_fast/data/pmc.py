@@ -3,7 +3,10 @@
 Pure Python (lxml), no torch. One record per ``<fig>``:
 
 ``{"pair_id", "pmcid", "pmid", "figure_id", "label", "caption", "caption_title", "graphic", "fig_group",
-"mentions", "licence": {"code", "commercial_use", "url", "text"}, "source"}``
+"mentions", "licence": {"code", "commercial_use", "url", "text"}, "domain", "compound", "source"}``
+
+``pair_id`` is LLaVA-Med's ``{pmid}_{figure id}`` (the PMC id, then the file name, where there is no
+PMID); ``domain`` and ``compound`` are :mod:`selection`'s modality flags and compound-figure test.
 
 - The article is the root element, or any ``<article>`` below a wrapper (OAI-PMH ``GetRecord`` /
   ``ListRecords`` responses hold one or several); namespaces on element names are ignored, so a default
@@ -28,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lxml import etree
+
+from llavamed_fast.data import selection
 
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 # Elements whose text is not part of the paragraph around them.
@@ -67,6 +72,8 @@ class FigureRecord:
     fig_group: str | None
     mentions: list[str] = field(default_factory=list)
     licence: Licence | None = None
+    domain: dict[str, bool] = field(default_factory=dict)
+    compound: bool = False
     source: str = ""
 
     def to_json(self) -> str:
@@ -292,19 +299,22 @@ def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
             for sentence in mentions.get(group, []) if group else []:
                 if sentence not in sentences:
                     sentences.append(sentence)
+            text = _clean(" ".join(x for x in (title, *paragraphs) if x))
             records.append(
                 FigureRecord(
-                    pair_id=f"{pmcid or pmid or path.stem}_{figure_id}",
+                    pair_id=f"{pmid or pmcid or path.stem}_{figure_id}",
                     pmcid=pmcid,
                     pmid=pmid,
                     figure_id=figure_id,
                     label=_text(next(iter(_children(fig, "label")), None)) or None,
-                    caption=_clean(" ".join(x for x in (title, *paragraphs) if x)),
+                    caption=text,
                     caption_title=title or None,
                     graphic=_own_graphic(fig),
                     fig_group=group,
                     mentions=sentences,
                     licence=licence,
+                    domain=selection.modalities(text, sentences),
+                    compound=selection.is_compound(text),
                     source=path.name,
                 )
             )

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from llavamed_fast.data import pmc
+from llavamed_fast.data import pmc, selection
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +35,31 @@ def test_every_figure_of_the_real_articles_is_found(articles, by_pair):
 
 
 def test_real_ids_labels_captions_and_graphics(by_pair):
-    figure = by_pair["PMC3166277_F1"]
-    assert (figure.pmid, figure.label, figure.graphic) == ("21810267", "Figure 1", "1471-2180-11-174-1")
+    figure = by_pair["21810267_F1"]
+    assert (figure.pmcid, figure.label, figure.graphic) == ("PMC3166277", "Figure 1", "1471-2180-11-174-1")
     assert figure.caption_title is None  # this publisher puts the title in bold inside the first paragraph
     assert figure.caption.startswith("Schematic presentation of two models of holin hole formation. Holin")
-    pntd = by_pair["PMC3585041_pntd-0002065-g001"]
+    pntd = by_pair["23469300_pntd-0002065-g001"]
     assert pntd.caption_title == "Location of the study areas."
     assert pntd.caption.startswith("Location of the study areas. Figure 1 shows the map of the Zambézia")
-    mds = by_pair["PMC3574550_MDS526F2"]
+    mds = by_pair["23149571_MDS526F2"]
     assert mds.label == "Figure 2." and mds.graphic == "mds52602"
     assert mds.caption.startswith("Age inequalities in advanced stage diagnosis in patients ≥65 by cancer")
     for record in by_pair.values():
         assert record.caption and record.graphic and record.pmcid.startswith("PMC")
+        assert record.pair_id == f"{record.pmid}_{record.figure_id}"  # LLaVA-Med's pair ids
 
 
 def test_real_mentions_are_the_citing_sentences(by_pair):
-    assert by_pair["PMC3585041_pntd-0002065-g001"].mentions == [
+    assert by_pair["23469300_pntd-0002065-g001"].mentions == [
         "In September 2010 samples were collected only in Mopeia and Nicoadala districts (Fig. 1)."
     ]
-    assert by_pair["PMC2599765_f2-ehp-116-1694"].mentions == [
+    assert by_pair["19079722_f2-ehp-116-1694"].mentions == [
         "At the lower exposure dose, PBDE-47 elevated gene transcripts for TSHβ in the pituitary gland "
         "(Figure 2; p = 0.0043)."
     ]
     # Four sentences cite figure 4 of the phage article, one of them with "(see Figure 4B)".
-    f4 = by_pair["PMC3166277_F4"].mentions
+    f4 = by_pair["21810267_F4"].mentions
     assert (
         len(f4) == 4
         and f4[0] == "Figure 4A shows a significant negative relationship between tL - tKCN and tKCN."
@@ -68,7 +69,7 @@ def test_real_mentions_are_the_citing_sentences(by_pair):
         for sentence in record.mentions:
             assert len(pmc.sentence_spans(sentence)) == 1, sentence
     assert (
-        by_pair["PMC3460867_pone-0046493-g004"]
+        by_pair["23029536_pone-0046493-g004"]
         .mentions[0]
         .startswith(
             "As shown in Figure 4, MmPPOX was also found to inhibit the growth of M. tuberculosis and M. bovis BCG"
@@ -76,16 +77,25 @@ def test_real_mentions_are_the_citing_sentences(by_pair):
     )
 
 
+def test_real_selection_fields(by_pair):
+    # Panel markers "(A) ... (B)" and "A, ... B," make a compound figure; none of these six articles is
+    # imaging (they are plots, maps and chemistry), so no modality is flagged.
+    assert by_pair["19079722_f1-ehp-116-1694"].compound and by_pair["23029536_pone-0046493-g001"].compound
+    assert not by_pair["23149571_MDS526F1"].compound
+    assert all(not any(r.domain.values()) for r in by_pair.values())
+    assert set(by_pair["21810267_F1"].domain) == set(selection.DOMAINS)
+
+
 def test_real_licences(by_pair):
     def licence(pair_id):
         found = by_pair[pair_id].licence
         return found.code, found.commercial_use
 
-    assert licence("PMC3166277_F1") == ("CC BY", True)  # creativecommons.org/licenses/by/2.0
-    assert licence("PMC2599765_f1-ehp-116-1694") == ("public-domain", True)
-    assert licence("PMC3574550_MDS526F1") == ("CC BY-NC", False)
-    assert licence("PMC3585041_pntd-0002065-g001") == ("CC BY", True)  # from the licence text only
-    assert licence("PMC1790863_pone-0000217-g001") == ("CC BY", True)  # a copyright statement, no <license>
+    assert licence("21810267_F1") == ("CC BY", True)  # creativecommons.org/licenses/by/2.0
+    assert licence("19079722_f1-ehp-116-1694") == ("public-domain", True)
+    assert licence("23149571_MDS526F1") == ("CC BY-NC", False)
+    assert licence("23469300_pntd-0002065-g001") == ("CC BY", True)  # from the licence text only
+    assert licence("17299597_pone-0000217-g001") == ("CC BY", True)  # a copyright statement, no <license>
 
 
 ARTICLE = """<?xml version="1.0"?>
@@ -123,7 +133,7 @@ def test_fig_groups_nested_and_multi_figure_xrefs(tmp_path):
     records = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "a.nxml", ARTICLE))}
     assert list(records) == ["inline", "f1a", "f1b", "f2", "f3"]
     f1a, f1b, f2, f3 = records["f1a"], records["f1b"], records["f2"], records["f3"]
-    assert (f1a.pmcid, f1a.pmid, f1a.pair_id) == ("PMC222", "111", "PMC222_f1a")
+    assert (f1a.pmcid, f1a.pmid, f1a.pair_id) == ("PMC222", "111", "111_f1a")
     assert (f1a.caption, f1a.caption_title, f1a.graphic) == (
         "Left lung. Opacity (arrow).",
         "Left lung.",
@@ -151,7 +161,7 @@ def test_oai_pmh_wrapper_with_a_default_namespace(tmp_path):
         "</ListRecords></OAI-PMH>"
     )
     records = pmc.parse_article(_write(tmp_path, "oai.xml", wrapped))
-    assert [r.pair_id for r in records[:2]] == ["PMC222_inline", "PMC222_f1a"]
+    assert [r.pair_id for r in records[:2]] == ["111_inline", "111_f1a"]
     assert len(records) == 10 and records[5].pmcid == "PMC333"
     direct = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "a.nxml", ARTICLE))}
     assert records[1].mentions == direct["f1a"].mentions and records[4].graphic == "img-3"

@@ -1,0 +1,93 @@
+"""Stage-1 alignment records from figure records: "describe this image" -> the caption. Pure Python.
+
+For each figure one human turn (an instruction and ``<image>``) and one gpt turn (the caption), in the
+LLaVA JSON format of the released data. As LLaVA-Med's stage 1 did, the instruction asks for a concise
+description when the caption is under 30 words and for a detailed one otherwise; the wording is drawn
+from a pool, and ``<image>`` goes before or after it. Every choice comes from a generator seeded by the
+run's seed and the figure's ``pair_id``, so a record is the same whatever order or subset it is made in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+CONCISE_WORDS = 30  # captions under this many words get a "concise" instruction
+
+CONCISE = (
+    "Describe the image concisely.",
+    "Give a short description of this figure.",
+    "Summarize what the image shows in a sentence.",
+    "What does this image show? Answer briefly.",
+    "Write a brief caption for this image.",
+    "In a few words, what is shown here?",
+    "Provide a one-line description of the picture.",
+    "Briefly state the content of the image.",
+)
+DETAILED = (
+    "Describe the image in detail.",
+    "Give a thorough description of this figure.",
+    "Explain what is shown in the image, covering each part of it.",
+    "What does this image show? Describe it fully.",
+    "Write a detailed caption for this biomedical image.",
+    "Walk through the contents of this figure in detail.",
+    "Provide a comprehensive description of the picture and its findings.",
+    "Describe everything visible in this image, with specifics.",
+)
+
+
+def instruction_pool(caption: str) -> tuple[str, ...]:
+    return CONCISE if len(caption.split()) < CONCISE_WORDS else DETAILED
+
+
+def alignment_record(
+    figure: Mapping[str, Any], *, seed: int = 0, image_name: str = "{pair_id}.jpg"
+) -> dict[str, Any]:
+    """The stage-1 record of one figure record (needs ``pair_id`` and a non-empty ``caption``)."""
+    pair_id, caption = figure.get("pair_id"), (figure.get("caption") or "").strip()
+    if not pair_id:
+        raise ValueError(f"figure record without a pair_id: {dict(figure)!r:.200}")
+    if not caption:
+        raise ValueError(f"figure {pair_id} has no caption to align with")
+    rng = random.Random(f"{seed}:{pair_id}")
+    instruction = rng.choice(instruction_pool(caption))
+    human = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
+    return {
+        "id": pair_id,
+        "image": image_name.format(**{k: v for k, v in figure.items() if isinstance(v, str)}),
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+    }
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterable[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-empty line; a line that is not a JSON object is an error
+    naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: not JSON: {error.msg}") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}: line {number}: expected a JSON object, got {type(record).__name__}"
+                )
+            yield number, record
+
+
+def write_json(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> None:
+    """A JSON list, written atomically (temporary file, fsync, rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(records, handle, ensure_ascii=False, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, out)

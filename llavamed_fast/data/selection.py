@@ -1,0 +1,110 @@
+"""Which figures to keep: imaging modality, compound figures and licence. Pure Python, no torch.
+
+- **Modality** (:func:`modalities`): LLaVA-Med's five domains, named as its data files name them —
+  ``chest_xray``, ``ct_scan``, ``mri``, ``histology``, ``gross`` — from rules over the caption (first) and
+  the sentences that cite the figure. A figure may have several (a CT and its histology side by side) or
+  none ("other"). The rules are word patterns; a learned classifier can take their place through
+  :class:`ModalityTagger` (any callable from text to domain flags).
+- **Compound figures** (:func:`is_compound`): panel markers in the caption, "(A) ... (B)", "A, ... B,",
+  "(a-d)", "panels A and B", "left/right".
+- **Licence** (:func:`licence_allows`): ``commercial`` keeps only licences that allow commercial use
+  (CC BY, CC BY-SA, CC BY-ND, CC0, public domain); ``any`` keeps every classified licence; unknown
+  licences are kept only under ``any-including-unknown``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
+
+ModalityTagger = Callable[[str], Mapping[str, bool]]
+
+_FLAGS = re.IGNORECASE
+_XRAY = r"(?:x-?\s?rays?|radiographs?|radiography|roentgenograms?|films?)"
+_RULES: dict[str, list[re.Pattern[str]]] = {
+    "chest_xray": [
+        re.compile(rf"\bchest\s+{_XRAY}", _FLAGS),
+        re.compile(r"\bcxrs?\b", _FLAGS),
+        re.compile(rf"\b(?:thorax|thoracic|lung|pulmonary)\s+{_XRAY}", _FLAGS),
+        re.compile(rf"\b(?:posteroanterior|anteroposterior|PA|AP)\s+(?:chest\s+)?(?:view|{_XRAY})", _FLAGS),
+    ],
+    "ct_scan": [
+        re.compile(r"\bcomputed\s+(?:axial\s+)?tomograph", _FLAGS),
+        re.compile(r"\b(?:HR|MD|CB|PET[-/ ]?|SPECT[-/ ]?)?CT\b(?:A\b)?"),  # CT, CTA, HRCT, PET-CT (case kept)
+        re.compile(r"\bCAT scans?\b", _FLAGS),
+    ],
+    "mri": [
+        re.compile(r"\b(?:f|DCE-|DW-?)?MRI?s?\b"),
+        re.compile(r"\bmagnetic\s+resonance\b", _FLAGS),
+        re.compile(r"\bT[12][- ]?(?:weighted|W)\b", _FLAGS),
+        re.compile(r"\b(?:FLAIR|diffusion[- ]weighted|MR\s+(?:image|imaging|scan|angiograph)\w*)\b", _FLAGS),
+    ],
+    "histology": [
+        re.compile(r"\bhisto(?:logy|logical|logic|patholog\w*|chemi\w*)", _FLAGS),
+        re.compile(r"\b(?:H\s?&\s?E|HE)[- ]?(?:stain\w*)?\b"),
+        re.compile(r"\b(?:ha?ematoxylin|eosin|immunohistochem\w*|IHC|immunostain\w*)\b", _FLAGS),
+        re.compile(r"\b(?:micrograph\w*|photomicrograph\w*|cytolog\w*)\b", _FLAGS),
+        # "original magnification", "×400", "x 200" (not "ΦX174" nor "2 x 3 cm")
+        re.compile(r"magnification|(?<![\w\d])[×x]\s?\d{2,4}\b(?!\s*(?:mm|cm|µm|um|m)\b)", _FLAGS),
+        re.compile(r"\b(?:PAS|Masson|trichrome|Giemsa|Alcian|reticulin|Congo red)\b[\w\s-]{0,20}stain", _FLAGS),
+        re.compile(r"\b\w+-stained\s+(?:tissue\s+)?sections?\b", _FLAGS),
+    ],
+    "gross": [
+        re.compile(r"\bgross(?:ly)?\s+(?:specimen|pathology|appearance|examination|image|photograph|view|section|finding)", _FLAGS),
+        re.compile(r"\b(?:resected|surgical|excised|autopsy)\s+specimen", _FLAGS),
+        re.compile(r"\bmacroscopic(?:al)?(?:ly)?\b", _FLAGS),
+        re.compile(r"\bcut\s+surface\b", _FLAGS),
+        re.compile(r"\bgross\s+specimen\b|\bgross\b(?=.*\bspecimen\b)", _FLAGS),
+    ],
+}  # fmt: skip
+
+
+def rule_tagger(text: str) -> dict[str, bool]:
+    """Domain flags of one text by the word rules."""
+    return {domain: any(rule.search(text) for rule in rules) for domain, rules in _RULES.items()}
+
+
+def modalities(
+    caption: str, mentions: Iterable[str] = (), *, tagger: ModalityTagger = rule_tagger
+) -> dict[str, bool]:
+    """LLaVA-Med's domain flags for a figure. The caption decides when it names any modality; the citing
+    sentences are consulted only when it names none (they often discuss other figures' modalities too)."""
+    flags = {domain: bool(tagger(caption).get(domain)) for domain in DOMAINS}
+    if not any(flags.values()):
+        context = " ".join(mentions)
+        flags = {domain: bool(tagger(context).get(domain)) for domain in DOMAINS} if context else flags
+    return flags
+
+
+# Panel markers: "(A)", "(a, b)", "A)", "A.", "A:" after a break, and "A," at a clause start ("A, THL").
+_MARKER = re.compile(
+    r"\(\s?([A-Ha-h])(?:\s?[,–—-]\s?[A-Ha-h])*\s?\)"
+    r"|(?:^|(?<=[\s.;,]))([A-Ha-h])[).:]\s"
+    r"|(?:^|(?<=[\s.;]))([A-H]),\s"
+)
+_PANEL_RANGE = re.compile(r"\(\s?[A-Ha-h]\s?[-–—]\s?[B-Hb-h]\s?\)|\bpanels?\s+[A-Ha-h]\b", re.IGNORECASE)
+_SIDE_BY_SIDE = re.compile(r"\((?:left|right|top|bottom|upper|lower)(?: panel)?\)", re.IGNORECASE)
+
+
+def is_compound(caption: str) -> bool:
+    """Whether the caption describes several panels (a compound figure): markers for panels a and b, a
+    panel range, "panel(s) X", or "(left)/(right)" parts."""
+    letters = {letter.lower() for match in _MARKER.finditer(caption) for letter in match.groups() if letter}
+    return {"a", "b"} <= letters or bool(_PANEL_RANGE.search(caption) or _SIDE_BY_SIDE.search(caption))
+
+
+LICENCE_POLICIES = ("commercial", "any", "any-including-unknown")
+
+
+def licence_allows(licence: Mapping[str, object] | None, policy: str) -> bool:
+    """Whether a figure record's licence (``{"code", "commercial_use"}``) passes ``policy``."""
+    if policy not in LICENCE_POLICIES:
+        raise ValueError(f"licence policy must be one of {', '.join(LICENCE_POLICIES)}, got {policy!r}")
+    commercial = None if licence is None else licence.get("commercial_use")
+    if policy == "commercial":
+        return commercial is True
+    if policy == "any":
+        return commercial is not None
+    return True
