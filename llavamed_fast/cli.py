@@ -95,6 +95,43 @@ def _curate_align(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _curate_instruct(args: argparse.Namespace) -> int:
+    from llavamed_fast.data.curation import curate_instruct
+    from llavamed_fast.data.teacher import TeacherConfig, TeacherError
+
+    config = TeacherConfig(
+        model=args.model,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        azure_api_version=args.azure_api_version,
+        concurrency=args.concurrency,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        price_per_million=tuple(args.price) if args.price else None,
+    )
+    try:
+        summary = curate_instruct(
+            args.input,
+            args.out,
+            config,
+            ledger_path=args.ledger,
+            use_context=not args.no_context,
+            seed=args.seed,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError, TeacherError) as error:
+        print(f"curate instruct: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 1 if summary.get("failed") else 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -147,6 +184,34 @@ def parser() -> argparse.ArgumentParser:
     align.add_argument("--skip-compound", action="store_true", help="leave out multi-panel figures")
     align.add_argument("--image-name", default="{pair_id}.jpg", help="image file name, from record fields")
     align.set_defaults(run=_curate_align)
+
+    teach = steps.add_parser(
+        "instruct",
+        help="figure records -> teacher-written conversations (LLaVA JSONL); key in OPENAI_API_KEY",
+    )
+    teach.add_argument("--input", required=True, help="FIGURES.jsonl from 'curate pmc'")
+    teach.add_argument("--out", required=True, help="CONVERSATIONS.jsonl to write")
+    teach.add_argument(
+        "--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
+    )
+    teach.add_argument("--model", required=True, help="the teacher model (Azure: the deployment name)")
+    teach.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
+    teach.add_argument("--rpm", type=float, default=None, help="requests per minute at most")
+    teach.add_argument("--tpm", type=float, default=None, help="tokens per minute at most (estimated)")
+    teach.add_argument("--max-retries", type=int, default=6)
+    teach.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    teach.add_argument("--temperature", type=float, default=0.7)
+    teach.add_argument("--max-tokens", type=int, default=1024)
+    teach.add_argument("--price", type=float, nargs=2, metavar=("IN", "OUT"), help="USD per 1M tokens")
+    teach.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
+    teach.add_argument("--azure-api-version", default=None, help="use Azure OpenAI with this API version")
+    teach.add_argument("--ledger", default=None, help="reply ledger (default: OUT.ledger.jsonl)")
+    teach.add_argument("--no-context", action="store_true", help="send the caption only, not the mentions")
+    teach.add_argument("--seed", type=int, default=0, help="<image> placement")
+    teach.add_argument("--limit", type=int, default=None, help="only the first N figures")
+    teach.add_argument("--dry-run", action="store_true", help="print the first prompt and the estimated cost")
+    teach.add_argument("--no-progress", action="store_true")
+    teach.set_defaults(run=_curate_instruct)
     return root
 
 

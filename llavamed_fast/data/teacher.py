@@ -1,0 +1,249 @@
+"""The teacher client: chat requests to any OpenAI-compatible server, paid for once.
+
+Built on the ``openai`` SDK (``AsyncOpenAI``; ``AsyncAzureOpenAI`` when an Azure API version is given), so
+it talks to OpenAI, Azure OpenAI, vLLM, Ollama, or anything else that serves ``/v1/chat/completions``.
+
+- **Once**: every request's reply goes to a :class:`~llavamed_fast.data.ledger.Ledger` (fsynced) as it
+  arrives; a request whose key is already there is not sent. A run killed at any point and started again
+  sends no request twice and loses no reply.
+- **Bounded**: at most ``concurrency`` requests in flight; optional requests-per-minute and
+  tokens-per-minute budgets (prompt characters / 4 + ``max_tokens``, the usual estimate).
+- **Retries**: 429, 408, 409, 5xx, timeouts and dropped connections are retried with exponential backoff
+  and jitter, waiting at least what a ``retry-after`` / ``retry-after-ms`` header asks; other errors (a bad
+  request, a wrong key) are not retried. The SDK's own retries are off, so every attempt is counted here.
+- **Secrets**: the API key comes from the environment variable named in the config and is never logged,
+  stored or put in an error message.
+- **Cost**: token usage from the replies, priced from a per-million-token table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from llavamed_fast.data.ledger import Ledger, request_key
+
+# USD per million tokens (input, output); a user's table or --price overrides it. Public list prices when
+# this was written; check the provider's page for current ones.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-4": (30.00, 60.00),
+}
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class TeacherConfig:
+    model: str
+    base_url: str | None = None  # None: the SDK's default (OpenAI), or OPENAI_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    azure_api_version: str | None = None  # set for Azure OpenAI (base_url is then the resource endpoint)
+    concurrency: int = 8
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_retries: int = 6
+    backoff_base: float = 1.0  # seconds; attempt n waits about base * 2**n (plus jitter), capped
+    backoff_max: float = 60.0
+    timeout: float = 120.0
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    price_per_million: tuple[float, float] | None = None  # (input, output) USD; default from PRICES
+
+    def params(self) -> dict[str, Any]:
+        """The sampling parameters that are part of a request's ledger key."""
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def prices(self) -> tuple[float, float] | None:
+        return self.price_per_million or PRICES.get(self.model)
+
+
+class TeacherError(RuntimeError):
+    """A request that failed for good (not retryable, or out of retries); names the job, never the key."""
+
+
+@dataclass
+class RunStats:
+    sent: int = 0  # requests that got a reply this run
+    cached: int = 0  # requests answered from the ledger
+    retries: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # job id -> why
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def cost(self, prices: tuple[float, float] | None) -> float | None:
+        if prices is None:
+            return None
+        return (self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]) / 1e6
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Prompt tokens, by the usual four characters per token (for budgets and dry-run costs)."""
+    return sum(len(str(m.get("content", ""))) for m in messages) // 4 + 4 * len(messages)
+
+
+def retry_after(error: Exception) -> float | None:
+    """Seconds a server asked us to wait (``retry-after-ms``, ``retry-after`` in seconds or as a date)."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    return isinstance(error, openai.APIStatusError) and error.status_code in RETRYABLE_STATUS
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code}: {error.message}"
+    return f"{type(error).__name__}: {error}"
+
+
+class _Budget:
+    """Sliding one-minute windows for requests and tokens: ``take`` waits until both have room."""
+
+    def __init__(self, requests: float | None, tokens: float | None) -> None:
+        self.requests, self.tokens = requests, tokens
+        self._log: list[tuple[float, int]] = []
+        self._lock = asyncio.Lock()
+
+    async def take(self, tokens: int) -> None:
+        if self.requests is None and self.tokens is None:
+            return
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._log = [(t, n) for t, n in self._log if now - t < 60.0]
+                over_requests = self.requests is not None and len(self._log) + 1 > self.requests
+                used = sum(n for _, n in self._log)
+                over_tokens = self.tokens is not None and self._log and used + tokens > self.tokens
+                if not over_requests and not over_tokens:
+                    self._log.append((now, tokens))
+                    return
+                await asyncio.sleep(max(0.01, 60.0 - (now - self._log[0][0])))
+
+
+def make_client(config: TeacherConfig) -> openai.AsyncOpenAI:
+    """The SDK client, its own retries off (this module retries and counts)."""
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise TeacherError(
+            f"no API key: set the environment variable {config.api_key_env} (a local server that needs no "
+            "key accepts any value)"
+        )
+    common = {"api_key": key, "max_retries": 0, "timeout": config.timeout}
+    if config.azure_api_version:
+        if not config.base_url:
+            raise TeacherError("Azure OpenAI needs the resource endpoint as the base URL")
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=config.base_url, api_version=config.azure_api_version, **common
+        )
+    return openai.AsyncOpenAI(base_url=config.base_url, **common)
+
+
+Job = tuple[str, list[dict[str, str]]]  # (job id, chat messages)
+
+
+async def run_jobs(
+    jobs: Sequence[Job],
+    config: TeacherConfig,
+    ledger: Ledger,
+    *,
+    client: openai.AsyncOpenAI | None = None,
+    on_reply: Callable[[str], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> RunStats:
+    """Send every job whose request is not in ``ledger``; each reply is in the ledger before the next
+    step. Jobs that fail for good are listed in the stats (the others go on); a wrong key or a missing
+    model stops the run at once, as every request would fail the same way."""
+    client = client or make_client(config)
+    stats = RunStats()
+    started = time.monotonic()
+    params = config.params()
+    gate = asyncio.Semaphore(max(1, config.concurrency))
+    budget = _Budget(config.requests_per_minute, config.tokens_per_minute)
+    fatal: list[BaseException] = []
+
+    async def one(job_id: str, messages: list[dict[str, str]]) -> None:
+        key = request_key(config.model, messages, params)
+        if key in ledger:
+            stats.cached += 1
+            if on_reply:
+                on_reply(job_id)
+            return
+        async with gate:
+            for attempt in range(config.max_retries + 1):
+                if fatal:
+                    return
+                await budget.take(estimate_tokens(messages) + config.max_tokens)
+                try:
+                    response = await client.chat.completions.create(
+                        model=config.model, messages=messages, **params
+                    )
+                except (
+                    openai.AuthenticationError,
+                    openai.PermissionDeniedError,
+                    openai.NotFoundError,
+                ) as error:
+                    fatal.append(TeacherError(f"{job_id}: {_describe(error)}; stopping the run"))
+                    return
+                except openai.OpenAIError as error:
+                    if not _retryable(error) or attempt == config.max_retries:
+                        stats.failed[job_id] = _describe(error)
+                        return
+                    stats.retries += 1
+                    backoff = min(config.backoff_max, config.backoff_base * 2**attempt)
+                    wait = max(retry_after(error) or 0.0, backoff * (0.5 + random.random() / 2))
+                    await sleep(wait)
+                    continue
+                choice = response.choices[0] if response.choices else None
+                content = choice.message.content if choice and choice.message else None
+                if content is None:
+                    stats.failed[job_id] = (
+                        f"reply without content (finish_reason {getattr(choice, 'finish_reason', None)})"
+                    )
+                    return
+                usage = response.usage
+                counts = {
+                    "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+                    "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+                }
+                ledger.record(key, content, model=config.model, usage=counts)
+                stats.sent += 1
+                stats.prompt_tokens += counts["prompt_tokens"]
+                stats.completion_tokens += counts["completion_tokens"]
+                if on_reply:
+                    on_reply(job_id)
+                return
+
+    await asyncio.gather(*(one(job_id, messages) for job_id, messages in jobs))
+    stats.seconds = time.monotonic() - started
+    if fatal:
+        raise fatal[0]
+    return stats

@@ -1,0 +1,156 @@
+"""The teacher client and ``curate instruct`` against a real HTTP server on loopback, through the ``openai``
+SDK: rate limits with retry-after, server errors, slow and malformed replies, a wrong key, a bad request,
+and a run killed with SIGKILL then started again (no request paid for twice, every record once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fake_teacher import API_KEY, FakeTeacher, figures
+
+from llavamed_fast.data.curation import curate_instruct, default_ledger
+from llavamed_fast.data.teacher import TeacherConfig, TeacherError, retry_after
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+
+
+def _input(tmp_path, rows):
+    path = tmp_path / "figures.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(server, **overrides):
+    settings = {"model": "teacher-test", "concurrency": 4, "backoff_base": 0.05, "backoff_max": 0.5}
+    return TeacherConfig(base_url=server.base_url, **{**settings, **overrides})
+
+
+def test_a_run_survives_rate_limits_errors_slow_and_malformed_replies(tmp_path, key):
+    with FakeTeacher(slow_seconds=0.4, retry_after=0.3) as server:
+        server.script = {
+            "f0": ["429", "429"],
+            "f1": ["500", "502", "500"],
+            "f2": ["slow"],
+            "f3": ["malformed"],
+        }
+        source, out = _input(tmp_path, figures(8)), tmp_path / "conversations.jsonl"
+        started = time.monotonic()
+        summary = curate_instruct(source, out, _config(server, price_per_million=(2.0, 8.0)), progress=False)
+        elapsed = time.monotonic() - started
+        assert summary["sent"] == 8 and summary["failed"] == 0 and summary["retries"] == 5
+        assert elapsed >= 2 * 0.3  # two retry-after waits of 0.3 s for f0, one after the other
+        assert summary["filters"] == {"malformed_reply": 1}  # f3's reply holds no conversation
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in records] == [f"1_f{i}" for i in range(8) if i != 3]
+        assert records[0]["conversations"][1] == {"from": "gpt", "value": "It shows finding f0."}
+        assert records[0]["provenance"]["teacher"] == "teacher-test" and records[0]["domain"]["ct_scan"]
+        assert (summary["prompt_tokens"], summary["completion_tokens"]) == (800, 160)
+        assert summary["cost_usd"] == pytest.approx((800 * 2.0 + 160 * 8.0) / 1e6)
+        assert all(server.replies[f"f{i}"] == 1 for i in range(8))
+        # Again: everything comes from the ledger, nothing is sent.
+        attempts = sum(server.attempts.values())
+        again = curate_instruct(source, out, _config(server), progress=False)
+        assert (again["sent"], again["from_ledger"], again["records"]) == (0, 8, 7)
+        assert sum(server.attempts.values()) == attempts
+        assert out.read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in records]
+
+
+def test_bad_requests_fail_alone_and_out_of_retries_is_reported(tmp_path, key):
+    with FakeTeacher() as server:
+        server.script = {"f1": ["400"], "f2": ["500"] * 10}
+        summary = curate_instruct(
+            _input(tmp_path, figures(4)),
+            tmp_path / "out.jsonl",
+            _config(server, max_retries=2),
+            progress=False,
+        )
+        assert summary["records"] == 2 and summary["failed"] == 2
+        assert summary["failures"]["1_f1"].startswith("HTTP 400")
+        assert summary["failures"]["1_f2"].startswith("HTTP 500") and server.attempts["f2"] == 3
+
+
+def test_a_wrong_key_stops_the_run_without_showing_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-and-secret")
+    with FakeTeacher() as server:
+        with pytest.raises(TeacherError) as caught:
+            curate_instruct(
+                _input(tmp_path, figures(3)), tmp_path / "out.jsonl", _config(server), progress=False
+            )
+    assert "HTTP 401" in str(caught.value) and "sk-wrong-and-secret" not in str(caught.value)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(TeacherError, match="set the environment variable OPENAI_API_KEY"):
+        curate_instruct(_input(tmp_path, figures(1)), tmp_path / "out.jsonl", _config(server), progress=False)
+
+
+def test_retry_after_headers():
+    class Response:
+        def __init__(self, headers):
+            self.headers = headers
+
+    class Error(Exception):
+        def __init__(self, headers):
+            self.response = Response(headers)
+
+    assert retry_after(Error({"retry-after": "2"})) == 2.0
+    assert retry_after(Error({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < retry_after(Error({"retry-after": later})) <= 31
+    assert retry_after(Error({})) is None and retry_after(ValueError()) is None
+
+
+def test_dry_run_sends_nothing(tmp_path, key, capsys):
+    with FakeTeacher() as server:
+        summary = curate_instruct(
+            _input(tmp_path, figures(5)),
+            tmp_path / "out.jsonl",
+            _config(server, model="gpt-4o"),
+            dry_run=True,
+        )
+        assert sum(server.attempts.values()) == 0
+    assert summary["requests"] == 5 and summary["estimated_cost_usd_at_most"] > 0
+    assert "Figure Caption:\\nAxial CT of case 0" in capsys.readouterr().out
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sigkill_half_way_then_rerun_pays_for_nothing_twice(tmp_path):
+    with FakeTeacher(slow_seconds=0.15) as server:
+        count = 24
+        server.script = {f"f{i}": ["slow"] for i in range(count)}
+        source, out = _input(tmp_path, figures(count)), tmp_path / "conversations.jsonl"
+        ledger = default_ledger(out)
+        command = [
+            sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source), "--out", str(out),
+            "--base-url", server.base_url, "--model", "teacher-test", "--concurrency", "2", "--no-progress",
+        ]  # fmt: skip
+        env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+        child = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            not ledger.exists() or len(ledger.read_text().splitlines()) < 6
+        ):
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        recorded = len(ledger.read_text().splitlines())
+        assert 6 <= recorded < count, "the run should be killed half-way"
+        assert not out.exists()  # no partial output
+        attempts = sum(server.attempts.values())
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.splitlines()[-1])
+        # Every reply in the ledger is reused; only the others are asked for, each once.
+        assert (summary["from_ledger"], summary["sent"]) == (recorded, count - recorded)
+        assert sum(server.attempts.values()) - attempts == count - recorded
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+        assert ids == [f"1_f{i}" for i in range(count)]
