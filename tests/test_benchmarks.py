@@ -15,6 +15,7 @@ CASES = {
     "bench_varlen_attention.py": (["--smoke"], {"fwd_bwd_vs_best_peer", "best_peer", "device", "commit"}),
     "bench_linear_cross_entropy.py": (["--smoke"], {"speedup_vs_eager", "memory_vs_eager"}),
     "bench_projector.py": (["--smoke"], {"fraction_of_gemm_rate", "measured_gemm_tflops"}),
+    "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
 }
 
 

@@ -182,6 +182,7 @@ async def run_jobs(
     """Send every job whose request is not in ``ledger``; each reply is in the ledger before the next
     step. Jobs that fail for good are listed in the stats (the others go on); a wrong key or a missing
     model stops the run at once, as every request would fail the same way."""
+    own_client = client is None
     client = client or make_client(config)
     stats = RunStats()
     started = time.monotonic()
@@ -242,7 +243,11 @@ async def run_jobs(
                     on_reply(job_id)
                 return
 
-    await asyncio.gather(*(one(job_id, messages) for job_id, messages in jobs))
+    try:
+        await asyncio.gather(*(one(job_id, messages) for job_id, messages in jobs))
+    finally:
+        if own_client:
+            await client.close()  # inside the loop: httpx cannot close its connections after it
     stats.seconds = time.monotonic() - started
     if fatal:
         raise fatal[0]

@@ -91,6 +91,14 @@ def test_a_wrong_key_stops_the_run_without_showing_the_key(tmp_path, monkeypatch
         curate_instruct(_input(tmp_path, figures(1)), tmp_path / "out.jsonl", _config(server), progress=False)
 
 
+def test_curation_never_imports_torch():
+    modules = ["pmc", "selection", "alignment", "instruct", "ledger", "teacher", "curation"]
+    script = "import sys\n" + "".join(f"import llavamed_fast.data.{m}\n" for m in modules)
+    script += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_retry_after_headers():
     class Response:
         def __init__(self, headers):
