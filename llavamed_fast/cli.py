@@ -124,6 +124,8 @@ def _curate_instruct(args: argparse.Namespace) -> int:
             limit=args.limit,
             dry_run=args.dry_run,
             progress=not args.no_progress,
+            batch=args.batch,
+            poll_seconds=args.poll_seconds,
         )
     except (OSError, ValueError, TeacherError) as error:
         print(f"curate instruct: {error}", file=sys.stderr)
@@ -211,6 +213,10 @@ def parser() -> argparse.ArgumentParser:
     teach.add_argument("--limit", type=int, default=None, help="only the first N figures")
     teach.add_argument("--dry-run", action="store_true", help="print the first prompt and the estimated cost")
     teach.add_argument("--no-progress", action="store_true")
+    teach.add_argument(
+        "--batch", action="store_true", help="use the Batch API (half price, hours, resumable)"
+    )
+    teach.add_argument("--poll-seconds", type=float, default=30.0, help="Batch API: seconds between polls")
     teach.set_defaults(run=_curate_instruct)
     return root
 

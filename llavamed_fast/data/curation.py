@@ -18,7 +18,7 @@ from typing import Any
 from llavamed_fast.data import instruct
 from llavamed_fast.data.alignment import read_jsonl
 from llavamed_fast.data.ledger import Ledger, request_key
-from llavamed_fast.data.teacher import TeacherConfig, estimate_tokens, run_jobs
+from llavamed_fast.data.teacher import TeacherConfig, estimate_tokens, run_batch, run_jobs
 
 
 def default_ledger(out: str | os.PathLike[str]) -> Path:
@@ -37,6 +37,8 @@ def curate_instruct(
     limit: int | None = None,
     dry_run: bool = False,
     progress: bool = True,
+    batch: bool = False,
+    poll_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Run the teacher over the figures and write the instruction records; returns the run's summary."""
     counts: Counter[str] = Counter()
@@ -66,17 +68,28 @@ def curate_instruct(
 
     ledger = Ledger(ledger_path or default_ledger(out))
     bar = None
-    if progress:
+    if batch:
+        stats = asyncio.run(
+            run_batch(
+                jobs,
+                config,
+                ledger,
+                poll_seconds=poll_seconds,
+                on_status=(lambda status: print(f"batch: {status}", file=sys.stderr)) if progress else None,
+            )
+        )
+    elif progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="teacher", unit="req", file=sys.stderr)
-    try:
-        stats = asyncio.run(
-            run_jobs(jobs, config, ledger, on_reply=(lambda _job: bar.update(1)) if bar else None)
-        )
-    finally:
-        if bar:
-            bar.close()
+    if not batch:
+        try:
+            stats = asyncio.run(
+                run_jobs(jobs, config, ledger, on_reply=(lambda _job: bar.update(1)) if bar else None)
+            )
+        finally:
+            if bar:
+                bar.close()
     records = []
     params = config.params()
     for figure, (_, messages) in zip(selected, jobs, strict=True):

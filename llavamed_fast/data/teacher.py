@@ -14,17 +14,23 @@ it talks to OpenAI, Azure OpenAI, vLLM, Ollama, or anything else that serves ``/
 - **Secrets**: the API key comes from the environment variable named in the config and is never logged,
   stored or put in an error message.
 - **Cost**: token usage from the replies, priced from a per-million-token table.
+- **Batch API** (:func:`run_batch`): the requests not yet in the ledger go up as one JSONL file with the
+  ledger key as each ``custom_id``; the batch's id is kept next to the ledger, so a run stopped while the
+  batch is processed picks the same batch up again instead of paying for a second one; results go to the
+  ledger as they are collected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -251,4 +257,107 @@ async def run_jobs(
     stats.seconds = time.monotonic() - started
     if fatal:
         raise fatal[0]
+    return stats
+
+
+BATCH_DONE = {"completed", "failed", "expired", "cancelled"}
+
+
+def batch_state_path(ledger: Ledger) -> Path:
+    return ledger.path.with_name(ledger.path.name + ".batch.json")
+
+
+async def run_batch(
+    jobs: Sequence[Job],
+    config: TeacherConfig,
+    ledger: Ledger,
+    *,
+    client: openai.AsyncOpenAI | None = None,
+    poll_seconds: float = 30.0,
+    on_status: Callable[[str], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> RunStats:
+    """The jobs not in ``ledger`` through the Batch API: upload, create (or resume the batch recorded next to
+    the ledger), poll until it ends, then record every reply. Requests the batch did not answer are listed
+    in the stats as failed."""
+    own_client = client is None
+    client = client or make_client(config)
+    stats = RunStats()
+    started = time.monotonic()
+    params = config.params()
+    keyed = {}
+    for job_id, messages in jobs:
+        key = request_key(config.model, messages, params)
+        if key in ledger:
+            stats.cached += 1
+        else:
+            keyed[key] = (job_id, messages)
+    state_path = batch_state_path(ledger)
+    try:
+        batch = None
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+            batch = await client.batches.retrieve(state["batch_id"])
+            if batch.status in ("failed", "expired", "cancelled"):
+                batch = None  # nothing was answered by it: submit what is still missing
+        if batch is None and keyed:
+            lines = [
+                json.dumps(
+                    {
+                        "custom_id": key,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"model": config.model, "messages": messages, **params},
+                    },
+                    ensure_ascii=False,
+                )
+                for key, (_, messages) in keyed.items()
+            ]
+            upload = await client.files.create(
+                file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch"
+            )
+            batch = await client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            state_path.write_text(json.dumps({"batch_id": batch.id, "input_file_id": upload.id}))
+        while batch is not None and batch.status not in BATCH_DONE:
+            if on_status:
+                on_status(batch.status)
+            await sleep(poll_seconds)
+            batch = await client.batches.retrieve(batch.id)
+        if batch is not None:
+            if on_status:
+                on_status(batch.status)
+            if batch.output_file_id:
+                content = await client.files.content(batch.output_file_id)
+                for line in content.text.splitlines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line)
+                    key = result.get("custom_id")
+                    response = result.get("response") or {}
+                    body = response.get("body") or {}
+                    choices = body.get("choices") or []
+                    text = choices[0].get("message", {}).get("content") if choices else None
+                    if key not in keyed or response.get("status_code") != 200 or text is None:
+                        continue
+                    usage = body.get("usage") or {}
+                    counts = {
+                        "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
+                        "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
+                    }
+                    ledger.record(key, text, model=config.model, usage=counts)
+                    stats.sent += 1
+                    stats.prompt_tokens += counts["prompt_tokens"]
+                    stats.completion_tokens += counts["completion_tokens"]
+            state_path.unlink(missing_ok=True)
+        for key, (job_id, _) in keyed.items():
+            if key not in ledger:
+                stats.failed[job_id] = (
+                    f"not answered by batch {batch.id if batch else '-'} ({batch.status if batch else '-'})"
+                )
+    finally:
+        if own_client:
+            await client.close()
+    stats.seconds = time.monotonic() - started
     return stats

@@ -4,10 +4,17 @@ Each request names its figure by a ``[fig:ID]`` tag in the last user message. ``
 what the next attempts get, in order: ``"ok"``, ``"429"`` (with ``retry-after``), any other status code (``"500"``, ``"400"``),
 ``"slow"`` (a reply after ``slow_seconds``) or ``"malformed"`` (a 200 whose text holds no conversation);
 after the list is used up, ``"ok"``. The server counts attempts and successful replies per figure.
+
+It also serves the Batch API's part that the client uses (``POST /v1/files`` multipart, ``POST
+/v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``): a batch is ``validating``, then
+``in_progress``, then ``completed`` on successive retrievals, and answers each line as a chat request.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import itertools
 import json
 import re
 import threading
@@ -25,7 +32,11 @@ class FakeTeacher:
         self.replies: Counter[str] = Counter()
         self.slow_seconds = slow_seconds
         self.retry_after = retry_after
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the batch completion asks for replies while holding it
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batches_created = 0
+        self._ids = itertools.count(1)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -48,6 +59,54 @@ class FakeTeacher:
             steps = self.script.get(figure, [])
             return steps.pop(0) if steps else "ok"
 
+    def _completion(self, figure: str, action: str, model: str) -> dict:
+        text = (
+            "Sorry, that is not something I can write."
+            if action == "malformed"
+            else f"User: What does image {figure} show?\nAssistant: It shows finding {figure}.\n"
+            f"User: Where?\nAssistant: On the left of image {figure}."
+        )
+        with self.lock:
+            self.replies[figure] += 1
+        return {
+            "id": f"chatcmpl-{figure}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        }
+
+    def _advance(self, batch: dict) -> None:
+        """validating -> in_progress -> completed (answering every line) on successive retrievals."""
+        if batch["status"] == "validating":
+            batch["status"] = "in_progress"
+            return
+        if batch["status"] != "in_progress":
+            return
+        out = []
+        for line in self.files[batch["input_file_id"]].decode().splitlines():
+            request = json.loads(line)
+            figure = re.search(r"\[fig:([\w-]+)\]", request["body"]["messages"][-1]["content"]).group(1)
+            action = self._next(figure)
+            if action.isdigit():
+                response = {"status_code": int(action), "body": {"error": {"message": f"scripted {action}"}}}
+            else:
+                response = {
+                    "status_code": 200,
+                    "body": self._completion(figure, action, request["body"]["model"]),
+                }
+            out.append(
+                json.dumps(
+                    {"id": f"r{next(self._ids)}", "custom_id": request["custom_id"], "response": response}
+                )
+            )
+        output_id = f"file-{next(self._ids)}"
+        self.files[output_id] = ("\n".join(out) + "\n").encode()
+        batch.update(status="completed", output_file_id=output_id, completed_at=int(time.time()))
+
     def _handler(self):
         teacher = self
 
@@ -65,15 +124,68 @@ class FakeTeacher:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _authorised(self):
+                if self.headers.get("Authorization") == f"Bearer {API_KEY}":
+                    return True
+                self._send(
+                    401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+                )
+                return False
+
+            def do_GET(self):
+                if not self._authorised():
+                    return
+                found = re.fullmatch(r"/v1/batches/([\w-]+)", self.path)
+                if found and found.group(1) in teacher.batches:
+                    batch = teacher.batches[found.group(1)]
+                    with teacher.lock:
+                        teacher._advance(batch)
+                    self._send(200, batch)
+                    return
+                found = re.fullmatch(r"/v1/files/([\w-]+)/content", self.path)
+                if found and found.group(1) in teacher.files:
+                    data = teacher.files[found.group(1)]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+            def _batch_routes(self, body):
+                if self.path == "/v1/files":
+                    head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+                    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(head + body)
+                    parts = {
+                        p.get_param("name", header="content-disposition"): p for p in message.iter_parts()
+                    }
+                    file_id = f"file-{next(teacher._ids)}"
+                    teacher.files[file_id] = parts["file"].get_payload(decode=True)
+                    purpose = parts["purpose"].get_content().strip()
+                    self._send(200, {"id": file_id, "object": "file", "bytes": len(teacher.files[file_id]),
+                                     "created_at": int(time.time()), "filename": "requests.jsonl",
+                                     "purpose": purpose, "status": "processed"})  # fmt: skip
+                    return True
+                if self.path == "/v1/batches":
+                    request = json.loads(body)
+                    batch_id = f"batch-{next(teacher._ids)}"
+                    teacher.batches[batch_id] = {
+                        "id": batch_id, "object": "batch", "endpoint": request["endpoint"],
+                        "input_file_id": request["input_file_id"], "completion_window": request["completion_window"],
+                        "status": "validating", "created_at": int(time.time()),
+                    }  # fmt: skip
+                    teacher.batches_created += 1
+                    self._send(200, teacher.batches[batch_id])
+                    return True
+                return False
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                request = json.loads(self.rfile.read(length))
-                if self.headers.get("Authorization") != f"Bearer {API_KEY}":
-                    self._send(
-                        401,
-                        {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}},
-                    )
+                body = self.rfile.read(length)
+                if not self._authorised() or self._batch_routes(body):
                     return
+                request = json.loads(body)
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
@@ -92,31 +204,7 @@ class FakeTeacher:
                     return
                 if action == "slow":
                     time.sleep(teacher.slow_seconds)
-                text = (
-                    "Sorry, that is not something I can write."
-                    if action == "malformed"
-                    else f"User: What does image {figure} show?\nAssistant: It shows finding {figure}.\n"
-                    f"User: Where?\nAssistant: On the left of image {figure}."
-                )
-                with teacher.lock:
-                    teacher.replies[figure] += 1
-                self._send(
-                    200,
-                    {
-                        "id": f"chatcmpl-{figure}",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": request["model"],
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": "stop",
-                            }
-                        ],
-                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-                    },
-                )
+                self._send(200, teacher._completion(figure, action, request["model"]))
 
         return Handler
 

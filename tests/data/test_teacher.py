@@ -4,6 +4,7 @@ and a run killed with SIGKILL then started again (no request paid for twice, eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,8 +15,10 @@ import time
 import pytest
 from fake_teacher import API_KEY, FakeTeacher, figures
 
+from llavamed_fast.data import instruct
 from llavamed_fast.data.curation import curate_instruct, default_ledger
-from llavamed_fast.data.teacher import TeacherConfig, TeacherError, retry_after
+from llavamed_fast.data.ledger import Ledger
+from llavamed_fast.data.teacher import TeacherConfig, TeacherError, batch_state_path, retry_after, run_batch
 
 
 @pytest.fixture
@@ -162,3 +165,45 @@ def test_sigkill_half_way_then_rerun_pays_for_nothing_twice(tmp_path):
         assert sum(server.attempts.values()) - attempts == count - recorded
         ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
         assert ids == [f"1_f{i}" for i in range(count)]
+
+
+def test_batch_api_round_trip_and_resume(tmp_path, key):
+    with FakeTeacher() as server:
+        server.script = {"f2": ["malformed"], "f4": ["500"]}
+        source, out = _input(tmp_path, figures(6)), tmp_path / "conversations.jsonl"
+        statuses = []
+        config = _config(server)
+        # A run stopped while the batch is processed (here: after the first poll) keeps the batch's id...
+        ledger = Ledger(default_ledger(out))
+        jobs = [(f["pair_id"], instruct.build_messages(f)) for f in figures(6)]
+
+        async def stop(_seconds):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(
+                run_batch(jobs, config, ledger, poll_seconds=0, sleep=stop, on_status=statuses.append)
+            )
+        ledger.close()
+        assert statuses == ["validating"] and server.batches_created == 1
+        assert batch_state_path(ledger).exists() and len(ledger) == 0
+        # ...and the next run picks the same batch up instead of submitting another.
+        summary = curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False)
+        assert server.batches_created == 1 and not batch_state_path(ledger).exists()
+        assert (summary["sent"], summary["failed"], summary["records"]) == (
+            5,
+            1,
+            4,
+        )  # f4 failed, f2 malformed
+        assert summary["failures"]["1_f4"].startswith("not answered by batch")
+        assert summary["filters"] == {"malformed_reply": 1, "no_reply": 1}
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+        assert ids == ["1_f0", "1_f1", "1_f3", "1_f5"]
+        # Again in batch mode: only the failed request goes in a new batch.
+        again = curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False)
+        assert server.batches_created == 2 and (again["from_ledger"], again["sent"], again["records"]) == (
+            5,
+            1,
+            5,
+        )
+        assert sum(server.replies.values()) == 6
