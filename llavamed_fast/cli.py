@@ -134,6 +134,27 @@ def _curate_instruct(args: argparse.Namespace) -> int:
     return 1 if summary.get("failed") else 0
 
 
+def _curate_images(args: argparse.Namespace) -> int:
+    from llavamed_fast.data.alignment import read_jsonl
+    from llavamed_fast.data.fetch import FetchConfig, fetch
+
+    config = FetchConfig(
+        out=Path(args.out),
+        url_template=args.url_template,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        retries=args.retries,
+        licence=args.licence,
+    )
+    try:
+        counts = fetch((record for _, record in read_jsonl(args.input)), config)
+    except (OSError, ValueError) as error:
+        print(f"curate images: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"manifest": str(Path(args.out) / "manifest.jsonl"), **counts}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -218,6 +239,23 @@ def parser() -> argparse.ArgumentParser:
     )
     teach.add_argument("--poll-seconds", type=float, default=30.0, help="Batch API: seconds between polls")
     teach.set_defaults(run=_curate_instruct)
+
+    images = steps.add_parser(
+        "images", help="download figure images (per file, or article packages), resumable"
+    )
+    images.add_argument("--input", required=True, help="FIGURES.jsonl, or LLaVA-Med's URL list (JSONL)")
+    images.add_argument("--out", required=True, help="image folder; its manifest.jsonl records every item")
+    images.add_argument(
+        "--url-template", default="https://europepmc.org/articles/{pmcid}/bin/{graphic}.jpg",
+        help="per-file URL, from record fields (records with pmc_tar_url use their package instead)",
+    )  # fmt: skip
+    images.add_argument("--concurrency", type=int, default=8)
+    images.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    images.add_argument("--retries", type=int, default=3)
+    images.add_argument(
+        "--licence", default="any-including-unknown", choices=("commercial", "any", "any-including-unknown")
+    )
+    images.set_defaults(run=_curate_images)
     return root
 
 
