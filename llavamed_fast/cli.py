@@ -155,6 +155,20 @@ def _curate_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate_stats(args: argparse.Namespace) -> int:
+    from llavamed_fast.data import stats
+    from llavamed_fast.data.curation import summary_path
+
+    try:
+        numbers = stats.write(args.input, args.out, args.summary or summary_path(args.input))
+    except (OSError, ValueError) as error:
+        print(f"curate stats: {error}", file=sys.stderr)
+        return 2
+    print(stats.table(numbers))
+    print(f"-> {Path(args.out) / 'stats.json'}, {Path(args.out) / 'stats.png'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -256,6 +270,14 @@ def parser() -> argparse.ArgumentParser:
         "--licence", default="any-including-unknown", choices=("commercial", "any", "any-including-unknown")
     )
     images.set_defaults(run=_curate_images)
+
+    numbers = steps.add_parser("stats", help="statistics of a curated set: a table, stats.json and stats.png")
+    numbers.add_argument("--input", required=True, help="records: ALIGN.json or CONVERSATIONS.jsonl")
+    numbers.add_argument("--out", required=True, help="folder for stats.json and stats.png")
+    numbers.add_argument(
+        "--summary", default=None, help="the instruct run's summary (default: INPUT.summary.json)"
+    )
+    numbers.set_defaults(run=_curate_stats)
     return root
 
 

@@ -113,7 +113,7 @@ def curate_instruct(
         )
     ledger.close()
     _write_jsonl(records, out)
-    return {
+    summary = {
         "records": len(records),
         "figures": len(selected),
         "sent": stats.sent,
@@ -127,6 +127,14 @@ def curate_instruct(
         "seconds": round(stats.seconds, 2),
         "filters": dict(counts),
     }
+    # Next to the output, for 'curate stats' (filter counts) and for the record of what the run cost.
+    summary_path(out).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summary_path(out: str | os.PathLike[str]) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".summary.json")
 
 
 def _write_jsonl(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> None:

@@ -95,7 +95,7 @@ def test_a_wrong_key_stops_the_run_without_showing_the_key(tmp_path, monkeypatch
 
 
 def test_curation_never_imports_torch():
-    modules = ["pmc", "selection", "alignment", "instruct", "ledger", "teacher", "curation", "fetch"]
+    modules = ["pmc", "selection", "alignment", "instruct", "ledger", "teacher", "curation", "fetch", "stats"]
     script = "import sys\n" + "".join(f"import llavamed_fast.data.{m}\n" for m in modules)
     script += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -207,3 +207,35 @@ def test_batch_api_round_trip_and_resume(tmp_path, key):
             5,
         )
         assert sum(server.replies.values()) == 6
+
+
+def test_stats_of_a_curated_set(tmp_path, key):
+    from PIL import Image
+
+    with FakeTeacher() as server:
+        server.script = {"f1": ["malformed"]}
+        rows = figures(5)
+        rows[3]["domain"] = {"mri": True}
+        rows[4]["domain"] = {}
+        out = tmp_path / "conversations.jsonl"
+        curate_instruct(_input(tmp_path, rows), out, _config(server), progress=False)
+    args = ["curate", "stats", "--input", str(out), "--out", str(tmp_path / "stats")]
+    script = "import sys; from llavamed_fast.cli import main; code = main(sys.argv[1:]); "
+    script += "assert 'torch' not in sys.modules; sys.exit(code)"
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "records: 4" in done.stdout and "filters: malformed_reply: 1" in done.stdout
+    numbers = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    assert numbers["modalities"] == {
+        "chest_xray": 0,
+        "ct_scan": 2,
+        "mri": 1,
+        "histology": 0,
+        "gross": 0,
+        "other": 1,
+    }
+    assert numbers["exchanges_per_record"] == {"2": 4}
+    # "It shows finding fN." and "On the left of image fN." : 4 and 6 words
+    assert numbers["answer_words"] == {"mean": 5.0, "median": 5.0, "max": 6}
+    with Image.open(tmp_path / "stats" / "stats.png") as image:
+        assert image.size == (1300, 360)
