@@ -134,6 +134,8 @@ def _describe(error: Exception) -> str:
 class _Budget:
     """Sliding one-minute windows for requests and tokens: ``take`` waits until both have room."""
 
+    window = 60.0  # seconds (the budgets are per minute)
+
     def __init__(self, requests: float | None, tokens: float | None) -> None:
         self.requests, self.tokens = requests, tokens
         self._log: list[tuple[float, int]] = []
@@ -145,14 +147,14 @@ class _Budget:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self._log = [(t, n) for t, n in self._log if now - t < 60.0]
+                self._log = [(t, n) for t, n in self._log if now - t < self.window]
                 over_requests = self.requests is not None and len(self._log) + 1 > self.requests
                 used = sum(n for _, n in self._log)
                 over_tokens = self.tokens is not None and self._log and used + tokens > self.tokens
                 if not over_requests and not over_tokens:
                     self._log.append((now, tokens))
                     return
-                await asyncio.sleep(max(0.01, 60.0 - (now - self._log[0][0])))
+                await asyncio.sleep(max(0.01, self.window - (now - self._log[0][0])))
 
 
 def make_client(config: TeacherConfig) -> openai.AsyncOpenAI:

@@ -239,3 +239,31 @@ def test_stats_of_a_curated_set(tmp_path, key):
     assert numbers["answer_words"] == {"mean": 5.0, "median": 5.0, "max": 6}
     with Image.open(tmp_path / "stats" / "stats.png") as image:
         assert image.size == (1300, 360)
+
+
+@pytest.mark.parametrize(("requests", "tokens"), [(3, None), (None, 3000)])
+def test_request_and_token_budgets_hold_per_window(monkeypatch, requests, tokens):
+    from llavamed_fast.data import teacher
+
+    monkeypatch.setattr(teacher._Budget, "window", 0.4)  # a 0.4 s "minute"
+    budget = teacher._Budget(requests, tokens)
+    times = []
+
+    async def go():
+        for _ in range(7):
+            await budget.take(1000)
+            times.append(time.monotonic())
+
+    asyncio.run(go())
+    # At most 3 requests (or 3000 tokens) in any window: the 4th and 7th wait for the 1st and 4th to age out.
+    assert times[3] - times[0] >= 0.4 - 0.01 and times[6] - times[3] >= 0.4 - 0.01
+    assert times[2] - times[0] < 0.2
+
+
+def test_secrets_never_reach_files(tmp_path, key):
+    with FakeTeacher() as server:
+        out = tmp_path / "conversations.jsonl"
+        curate_instruct(_input(tmp_path, figures(3)), out, _config(server), progress=False)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 3  # input, output, ledger, summary
+    assert not any(API_KEY in p.read_text(errors="replace") for p in written)
