@@ -130,6 +130,11 @@ def _curate_instruct(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TeacherError) as error:
         print(f"curate instruct: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # the SDK's own errors (openai.OpenAIError) outside a request's retries
+        if type(error).__module__.split(".")[0] != "openai":
+            raise
+        print(f"curate instruct: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     return 1 if summary.get("failed") else 0
 
@@ -219,7 +224,11 @@ def parser() -> argparse.ArgumentParser:
         help="keep only figures of these modalities (default: all figures)",
     )  # fmt: skip
     align.add_argument("--skip-compound", action="store_true", help="leave out multi-panel figures")
-    align.add_argument("--image-name", default="{pair_id}.jpg", help="image file name, from record fields")
+    align.add_argument(
+        "--image-name",
+        default=None,
+        help="image file name from record fields (default: as 'curate images' saves)",
+    )
     align.set_defaults(run=_curate_align)
 
     teach = steps.add_parser(

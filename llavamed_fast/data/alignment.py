@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,28 @@ DETAILED = (
 )
 
 
+def image_file_name(pair_id: str) -> str:
+    """The image file of a figure, as ``curate images`` saves it and the records name it: the pair id made
+    safe for a file system, ``.jpg`` (Pillow reads images by their content, whatever the suffix)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", pair_id).strip("._")
+    if not safe:
+        raise ValueError(f"pair id {pair_id!r} gives no file name")
+    return safe + ".jpg"
+
+
+def image_name_of(figure: Mapping[str, Any], template: str | None) -> str:
+    """The record's ``image``: ``template`` formatted with the figure's fields, or :func:`image_file_name`."""
+    if template is None:
+        return image_file_name(figure["pair_id"])
+    return template.format(**{k: v for k, v in figure.items() if isinstance(v, str)})
+
+
 def instruction_pool(caption: str) -> tuple[str, ...]:
     return CONCISE if len(caption.split()) < CONCISE_WORDS else DETAILED
 
 
 def alignment_record(
-    figure: Mapping[str, Any], *, seed: int = 0, image_name: str = "{pair_id}.jpg"
+    figure: Mapping[str, Any], *, seed: int = 0, image_name: str | None = None
 ) -> dict[str, Any]:
     """The stage-1 record of one figure record (needs ``pair_id`` and a non-empty ``caption``)."""
     pair_id, caption = figure.get("pair_id"), (figure.get("caption") or "").strip()
@@ -58,7 +75,7 @@ def alignment_record(
     human = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
     return {
         "id": pair_id,
-        "image": image_name.format(**{k: v for k, v in figure.items() if isinstance(v, str)}),
+        "image": image_name_of(figure, image_name),
         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
     }
 

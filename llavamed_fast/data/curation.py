@@ -43,10 +43,15 @@ def curate_instruct(
     """Run the teacher over the figures and write the instruction records; returns the run's summary."""
     counts: Counter[str] = Counter()
     selected: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for _number, figure in read_jsonl(figures):
         if not (figure.get("caption") or "").strip() or not figure.get("pair_id"):
             counts["no_caption"] += 1
             continue
+        if figure["pair_id"] in seen:  # each figure once in the output
+            counts["duplicate_pair_id"] += 1
+            continue
+        seen.add(figure["pair_id"])
         selected.append(figure)
         if limit is not None and len(selected) >= limit:
             break

@@ -35,13 +35,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.client import IncompleteRead
+from http.client import IncompleteRead, InvalidURL
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from llavamed_fast.data import selection
+from llavamed_fast.data.alignment import image_file_name
 
 STATUSES = ("ok", "not_found", "licence_excluded", "corrupt", "error")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -65,12 +66,6 @@ class _Failure(Exception):
         self.status, self.detail = status, detail
 
 
-def file_name(pair_id: str, suffix: str) -> str:
-    """The image's file name: its pair id made safe for a file system, and the source's suffix."""
-    suffix = suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix or "") else ".jpg"
-    return _SAFE.sub("_", pair_id).strip("._") + suffix
-
-
 class Manifest:
     """``manifest.jsonl``: one line per decided item, last line per pair id wins; appended and fsynced."""
 
@@ -78,13 +73,18 @@ class Manifest:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            data = path.read_bytes()
+            complete = data.rfind(b"\n") + 1
+            if complete < len(data):  # a line cut by a crash: cut it off, or the next entry would join it
+                with open(path, "r+b") as handle:
+                    handle.truncate(complete)
+            for line in data[:complete].decode("utf-8").split("\n"):
                 if line.strip():
                     try:
                         entry = json.loads(line)
                         self.entries[entry["pair_id"]] = entry
                     except (json.JSONDecodeError, KeyError):
-                        continue  # a line cut by a crash: that item is simply tried again
+                        continue  # not an entry: that item is simply tried again
         self._lock = threading.Lock()
         self._handle = open(path, "a", encoding="utf-8")  # kept open: appended and fsynced per item
 
@@ -130,6 +130,8 @@ def _download(url: str, config: FetchConfig) -> bytes:
             last = f"truncated body from {url}: {len(error.partial)} bytes, {error.expected} more expected"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
             last = f"{type(error).__name__} for {url}: {getattr(error, 'reason', error)}"
+        except (ValueError, InvalidURL) as error:  # a space in the URL, an unknown scheme: no retry helps
+            raise _Failure("error", f"bad URL {url!r}: {error}") from None
     status = "corrupt" if last.startswith("truncated") else "error"
     raise _Failure(status, last)
 
@@ -138,7 +140,7 @@ def _check_image(data: bytes, where: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: a cut file fails here, not later in training
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise _Failure("corrupt", f"{where}: not a readable image ({error})") from None
 
 
@@ -180,22 +182,28 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
     counts: Counter[str] = Counter()
     per_file: list[Mapping[str, Any]] = []
     packages: dict[str, list[Mapping[str, Any]]] = {}
+    owners = {entry["file"]: pid for pid, entry in manifest.entries.items() if entry.get("file")}
     for record in records:
         pair_id = record.get("pair_id")
         if not pair_id:
             raise ValueError(f"a record without a pair_id: {dict(record)!r:.200}")
-        if manifest.done(pair_id, folder):
-            counts["skipped"] += 1
-        elif record.get("licence") is not None and not selection.licence_allows(
-            record["licence"], config.licence
-        ):
+        try:
+            name = image_file_name(str(pair_id))
+        except ValueError as error:
+            manifest.write({"pair_id": pair_id, "status": "error", "detail": str(error)})
+            counts["error"] += 1
+            continue
+        licence = record.get("licence")
+        if owners.setdefault(name, pair_id) != pair_id:  # "1/F1" and "1_F1" would share one file
             manifest.write(
-                {
-                    "pair_id": pair_id,
-                    "status": "licence_excluded",
-                    "detail": str(record.get("licence", {}).get("code")),
-                }
+                {"pair_id": pair_id, "status": "error", "detail": f"file {name} is {owners[name]}'s"}
             )
+            counts["error"] += 1
+        elif manifest.done(pair_id, folder):
+            counts["skipped"] += 1
+        elif not selection.licence_allows(licence, config.licence):
+            code = licence.get("code") if isinstance(licence, Mapping) else None
+            manifest.write({"pair_id": pair_id, "status": "licence_excluded", "detail": f"licence {code}"})
             counts["licence_excluded"] += 1
         elif record.get("pmc_tar_url"):
             packages.setdefault(record["pmc_tar_url"], []).append(record)
@@ -221,7 +229,7 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
         try:
             data = _download(url, config)
             _check_image(data, url)
-            saved = _save(data, folder, file_name(pair_id, Path(url.split("?")[0]).suffix))
+            saved = _save(data, folder, image_file_name(pair_id))
         except _Failure as failure:
             manifest.write(
                 {"pair_id": pair_id, "status": failure.status, "detail": failure.detail, "url": url}
@@ -268,7 +276,7 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
                     try:
                         image = _member(archive, inner)
                         _check_image(image, f"{url}!{inner}")
-                        saved = _save(image, folder, file_name(item["pair_id"], Path(inner).suffix))
+                        saved = _save(image, folder, image_file_name(item["pair_id"]))
                     except (_Failure, tarfile.TarError, EOFError) as failure:
                         status = getattr(failure, "status", "corrupt")
                         manifest.write(

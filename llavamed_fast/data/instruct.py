@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llavamed_fast.data.alignment import image_name_of
+
 PROMPT_VERSION = "llavamed-fast/instruct-v1"
 
 SYSTEM_PROMPT = """\
@@ -157,7 +159,9 @@ FEW_SHOT: tuple[tuple[str, str, str], ...] = (
 def figure_prompt(caption: str, mentions: Sequence[str] = (), *, use_context: bool = True) -> str:
     """The user message for one figure: its caption and, when asked and available, its context."""
     text = f"Figure Caption:\n{caption.strip()}"
-    context = [m.strip() for m in mentions if m.strip()] if use_context else []
+    if isinstance(mentions, str):  # one sentence given as a string, not a list of them
+        mentions = [mentions]
+    context = [m.strip() for m in mentions if isinstance(m, str) and m.strip()] if use_context else []
     if context:
         text += "\n\nFigure Context:\n" + "\n".join(f"- {m}" for m in context)
     return text
@@ -203,18 +207,21 @@ class Turn:
 def parse_conversation(reply: str) -> list[Turn]:
     """The reply's turns, each a labelled line and the unlabelled lines after it; consecutive turns of one
     role are merged; text before the first label and a trailing unanswered question are dropped."""
-    turns: list[Turn] = []
+    labelled: list[Turn] = []
     for line in reply.splitlines():
         match = _ROLE.match(line)
         if match:
             role = "user" if match.group(1).lower() in _USER_LABELS else "assistant"
-            text = line[match.end() :].strip()
-            if turns and turns[-1].role == role:
-                turns[-1].text = f"{turns[-1].text}\n{text}".strip()
-            else:
-                turns.append(Turn(role, text))
-        elif turns and line.strip():
-            turns[-1].text = f"{turns[-1].text}\n{line.strip()}".strip()
+            labelled.append(Turn(role, line[match.end() :].strip()))
+        elif labelled and line.strip():
+            labelled[-1].text = f"{labelled[-1].text}\n{line.strip()}".strip()
+    # Empty turns go first, then neighbours of one role merge ("User: \nAssistant: ..." is one answer).
+    turns: list[Turn] = []
+    for turn in (t for t in labelled if t.text):
+        if turns and turns[-1].role == turn.role:
+            turns[-1].text = f"{turns[-1].text}\n{turn.text}"
+        else:
+            turns.append(turn)
     while turns and turns[0].role != "user":
         turns.pop(0)
     if turns and turns[-1].role == "user":
@@ -276,7 +283,7 @@ def conversation_record(
     teacher: str,
     use_context: bool = True,
     seed: int = 0,
-    image_name: str = "{pair_id}.jpg",
+    image_name: str | None = None,
 ) -> dict[str, Any]:
     """The LLaVA JSON instruction record of one figure's cleaned conversation."""
     if not turns:
@@ -291,7 +298,7 @@ def conversation_record(
     domain = figure.get("domain") or {}
     return {
         "id": pair_id,
-        "image": image_name.format(**{k: v for k, v in figure.items() if isinstance(v, str)}),
+        "image": image_name_of(figure, image_name),
         "conversations": conversations,
         "domain": {d: bool(domain.get(d)) for d in ("chest_xray", "mri", "ct_scan", "histology", "gross")},
         "provenance": {"teacher": teacher, "prompt_version": PROMPT_VERSION, "context": use_context},

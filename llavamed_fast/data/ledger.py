@@ -58,7 +58,8 @@ class Ledger:
                 handle.truncate(complete)
                 handle.flush()
                 os.fsync(handle.fileno())
-        for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() would also break at U+2028, U+0085 ... inside a reply.
+        for number, line in enumerate(data[:complete].decode("utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -105,12 +105,14 @@ def _text(element: etree._Element | None) -> str:
     return "" if element is None else _clean("".join(element.itertext()))
 
 
-# Abbreviations after which a period does not end a sentence (lower-cased, without the period).
+# Abbreviations after which a period does not end a sentence (lower-cased, without the period). Units
+# and words that often end a sentence ("30 min.", "no.") are left out: a missed split is a longer
+# mention, a wrong one would cut a citing sentence in two.
 _ABBREVIATIONS = {
-    "fig", "figs", "e.g", "i.e", "et al", "al", "vs", "ref", "refs", "no", "nos", "approx", "ca", "cf", "resp",
-    "eq", "eqs", "dr", "mr", "mrs", "ms", "prof", "st", "sp", "spp", "var", "inc", "ltd", "co", "vol", "pp",
-    "suppl", "min", "max", "mol", "wt", "conc", "temp", "dept", "univ", "jan", "feb", "mar", "apr", "jun",
-    "jul", "aug", "sep", "sept", "oct", "nov", "dec", "tab",
+    "fig", "figs", "e.g", "i.e", "et al", "al", "vs", "ref", "refs", "nos", "approx", "ca", "cf", "resp",
+    "eq", "eqs", "dr", "mr", "mrs", "prof", "sp", "spp", "var", "inc", "ltd", "vol", "pp", "suppl", "wt",
+    "conc", "dept", "univ", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov",
+    "dec", "tab",
 }  # fmt: skip
 _BOUNDARY = re.compile(r"[.!?](?:[\"')\]]*)\s+(?=[\"'(\[]?[A-Z0-9])")
 
@@ -169,8 +171,13 @@ def classify_licence(url: str | None, text: str | None, licence_type: str | None
         code = "CC0"
     elif "publicdomain" in haystack or "public domain" in haystack or "public-domain" in haystack:
         code = "public-domain"
-    elif re.search(r"non-?commercial", haystack) and "attribution" in haystack:
-        code = "CC BY-NC"
+    elif re.search(r"non[-\s]?commercial", haystack) and "attribution" in haystack:
+        code = "CC BY-NC" + ("-ND" if re.search(r"no[-\s]?deriv", haystack) else "")
+        code += (
+            "-SA" if "sharealike" in haystack.replace("-", "").replace(" ", "") and "-ND" not in code else ""
+        )
+    elif "creative commons attribution" in haystack and re.search(r"no[-\s]?deriv", haystack):
+        code = "CC BY-ND"
     elif "creative commons attribution" in haystack or licence_type in ("cc-by", "CC BY"):
         code = "CC BY"
     else:
@@ -182,8 +189,11 @@ def _licence(article: etree._Element) -> Licence:
     meta = next(_descendants(article, "article-meta"), None)
     permissions = next(_descendants(meta, "permissions"), None) if meta is not None else None
     scope = permissions if permissions is not None else meta
-    if scope is None:
-        return Licence("unknown", None)
+    return Licence("unknown", None) if scope is None else _licence_in(scope)
+
+
+def _licence_in(scope: etree._Element) -> Licence:
+    """The licence stated in a ``<permissions>`` (or article-meta) element."""
     licence = next(_descendants(scope, "license"), None)
     url = licence_type = None
     text = ""
@@ -253,6 +263,8 @@ def _mentions(article: etree._Element) -> dict[str, list[str]]:
             if not xrefs:
                 continue
             spans = sentence_spans(text)
+            if not spans:  # an xref with no text around it: no sentence to cite
+                continue
             for begin, _end, rids in xrefs:
                 # The sentence the xref starts in: the last one starting at or before it.
                 start, stop = max((span for span in spans if span[0] <= begin), default=spans[0])
@@ -295,6 +307,8 @@ def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
             caption = next(iter(_children(fig, "caption")), None)
             title = _text(next(iter(_children(caption, "title")), None)) if caption is not None else ""
             paragraphs = [_text(p) for p in _children(caption, "p")] if caption is not None else []
+            # A figure reprinted from elsewhere carries its own permissions, which win over the article's.
+            own = next(iter(_children(fig, "permissions")), None)
             sentences = list(mentions.get(figure_id, []))
             for sentence in mentions.get(group, []) if group else []:
                 if sentence not in sentences:
@@ -312,7 +326,7 @@ def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
                     graphic=_own_graphic(fig),
                     fig_group=group,
                     mentions=sentences,
-                    licence=licence,
+                    licence=_licence_in(own) if own is not None else licence,
                     domain=selection.modalities(text, sentences),
                     compound=selection.is_compound(text),
                     source=path.name,
@@ -346,6 +360,8 @@ def parse_files(
             records += parse_article(path)
         except PmcError as error:
             errors.append(str(error))
+        except Exception as error:  # an article shape we do not handle: report it, keep the batch going
+            errors.append(f"{path}: could not be parsed: {type(error).__name__}: {error}")
     return records, errors
 
 

@@ -67,6 +67,14 @@ class TeacherConfig:
     max_tokens: int = 1024
     price_per_million: tuple[float, float] | None = None  # (input, output) USD; default from PRICES
 
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.requests_per_minute is not None and self.requests_per_minute < 1:
+            raise ValueError(f"requests per minute must be at least 1, got {self.requests_per_minute}")
+        if self.tokens_per_minute is not None and self.tokens_per_minute <= 0:
+            raise ValueError(f"tokens per minute must be positive, got {self.tokens_per_minute}")
+
     def params(self) -> dict[str, Any]:
         """The sampling parameters that are part of a request's ledger key."""
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
@@ -199,12 +207,21 @@ async def run_jobs(
     budget = _Budget(config.requests_per_minute, config.tokens_per_minute)
     fatal: list[BaseException] = []
 
-    async def one(job_id: str, messages: list[dict[str, str]]) -> None:
-        key = request_key(config.model, messages, params)
-        if key in ledger:
-            stats.cached += 1
+    # Jobs with the same request share one: it is sent (and paid for) once.
+    by_key: dict[str, tuple[list[dict[str, str]], list[str]]] = {}
+    for job_id, messages in jobs:
+        by_key.setdefault(request_key(config.model, messages, params), (messages, []))[1].append(job_id)
+
+    def replied(job_ids: list[str]) -> None:
+        for job in job_ids:
             if on_reply:
-                on_reply(job_id)
+                on_reply(job)
+
+    async def one(key: str, messages: list[dict[str, str]], job_ids: list[str]) -> None:
+        job_id = job_ids[0]
+        if key in ledger:
+            stats.cached += len(job_ids)
+            replied(job_ids)
             return
         async with gate:
             for attempt in range(config.max_retries + 1):
@@ -224,7 +241,8 @@ async def run_jobs(
                     return
                 except openai.OpenAIError as error:
                     if not _retryable(error) or attempt == config.max_retries:
-                        stats.failed[job_id] = _describe(error)
+                        for job in job_ids:
+                            stats.failed[job] = _describe(error)
                         return
                     stats.retries += 1
                     backoff = min(config.backoff_max, config.backoff_base * 2**attempt)
@@ -234,9 +252,10 @@ async def run_jobs(
                 choice = response.choices[0] if response.choices else None
                 content = choice.message.content if choice and choice.message else None
                 if content is None:
-                    stats.failed[job_id] = (
-                        f"reply without content (finish_reason {getattr(choice, 'finish_reason', None)})"
-                    )
+                    for job in job_ids:
+                        stats.failed[job] = (
+                            f"reply without content (finish_reason {getattr(choice, 'finish_reason', None)})"
+                        )
                     return
                 usage = response.usage
                 counts = {
@@ -247,12 +266,12 @@ async def run_jobs(
                 stats.sent += 1
                 stats.prompt_tokens += counts["prompt_tokens"]
                 stats.completion_tokens += counts["completion_tokens"]
-                if on_reply:
-                    on_reply(job_id)
+                stats.cached += len(job_ids) - 1
+                replied(job_ids)
                 return
 
     try:
-        await asyncio.gather(*(one(job_id, messages) for job_id, messages in jobs))
+        await asyncio.gather(*(one(key, messages, job_ids) for key, (messages, job_ids) in by_key.items()))
     finally:
         if own_client:
             await client.close()  # inside the loop: httpx cannot close its connections after it
@@ -269,6 +288,29 @@ def batch_state_path(ledger: Ledger) -> Path:
     return ledger.path.with_name(ledger.path.name + ".batch.json")
 
 
+async def _call(make: Callable[[], Awaitable[Any]], config: TeacherConfig, sleep) -> Any:
+    """One Batch API call, retried like a chat request (hours of polling should survive a 5xx)."""
+    for attempt in range(config.max_retries + 1):
+        try:
+            return await make()
+        except openai.OpenAIError as error:
+            if not _retryable(error) or attempt == config.max_retries:
+                raise TeacherError(f"Batch API: {_describe(error)}") from None
+            backoff = min(config.backoff_max, config.backoff_base * 2**attempt)
+            await sleep(max(retry_after(error) or 0.0, backoff * (0.5 + random.random() / 2)))
+    raise AssertionError("unreachable")
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    # Atomic and durable: a batch that exists must never be forgotten (it would be paid for twice).
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 async def run_batch(
     jobs: Sequence[Job],
     config: TeacherConfig,
@@ -279,30 +321,68 @@ async def run_batch(
     on_status: Callable[[str], None] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> RunStats:
-    """The jobs not in ``ledger`` through the Batch API: upload, create (or resume the batch recorded next to
-    the ledger), poll until it ends, then record every reply. Requests the batch did not answer are listed
-    in the stats as failed."""
+    """The jobs not in ``ledger`` through the Batch API. A batch recorded next to the ledger (a run that
+    stopped while it was processed) is polled to its end and its answers collected first, whatever this
+    run's jobs are; then the requests still missing go up as one new batch (id recorded before polling),
+    polled to its end, and collected. Every answered line goes to the ledger; requests left unanswered are
+    listed in the stats as failed."""
     own_client = client is None
     client = client or make_client(config)
     stats = RunStats()
     started = time.monotonic()
     params = config.params()
-    keyed = {}
+    keyed: dict[str, tuple[list[dict[str, str]], list[str]]] = {}
     for job_id, messages in jobs:
-        key = request_key(config.model, messages, params)
-        if key in ledger:
-            stats.cached += 1
-        else:
-            keyed[key] = (job_id, messages)
+        keyed.setdefault(request_key(config.model, messages, params), (messages, []))[1].append(job_id)
     state_path = batch_state_path(ledger)
+    known = {key for key in keyed if key in ledger}  # answered before this run
+
+    async def finish(batch: Any) -> Any:
+        while batch.status not in BATCH_DONE:
+            if on_status:
+                on_status(batch.status)
+            await sleep(poll_seconds)
+            batch = await _call(lambda batch_id=batch.id: client.batches.retrieve(batch_id), config, sleep)
+        if on_status:
+            on_status(batch.status)
+        if batch.output_file_id:  # an expired or cancelled batch may still hold (billed) answers
+            content = await _call(lambda: client.files.content(batch.output_file_id), config, sleep)
+            for line in content.text.split("\n"):
+                if not line.strip():
+                    continue
+                result = json.loads(line)
+                key = result.get("custom_id")
+                response = result.get("response") or {}
+                body = response.get("body") or {}
+                choices = body.get("choices") or []
+                text = choices[0].get("message", {}).get("content") if choices else None
+                if not key or key in ledger or response.get("status_code") != 200 or text is None:
+                    continue
+                usage = body.get("usage") or {}
+                counts = {
+                    "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
+                    "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
+                }
+                ledger.record(key, text, model=config.model, usage=counts)
+                stats.sent += 1
+                stats.prompt_tokens += counts["prompt_tokens"]
+                stats.completion_tokens += counts["completion_tokens"]
+        state_path.unlink(missing_ok=True)
+        return batch
+
     try:
         batch = None
         if state_path.exists():
-            state = json.loads(state_path.read_text())
-            batch = await client.batches.retrieve(state["batch_id"])
-            if batch.status in ("failed", "expired", "cancelled"):
-                batch = None  # nothing was answered by it: submit what is still missing
-        if batch is None and keyed:
+            try:
+                state = json.loads(state_path.read_text())
+                batch_id = state["batch_id"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise TeacherError(
+                    f"{state_path}: not a batch state file ({error}); check the batch by hand"
+                ) from None
+            batch = await finish(await _call(lambda: client.batches.retrieve(batch_id), config, sleep))
+        missing = {key: value for key, value in keyed.items() if key not in ledger}
+        if missing:
             lines = [
                 json.dumps(
                     {
@@ -313,51 +393,29 @@ async def run_batch(
                     },
                     ensure_ascii=False,
                 )
-                for key, (_, messages) in keyed.items()
+                for key, (messages, _) in missing.items()
             ]
-            upload = await client.files.create(
-                file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch"
+            data = ("\n".join(lines) + "\n").encode()
+            upload = await _call(
+                lambda: client.files.create(file=("requests.jsonl", data), purpose="batch"), config, sleep
             )
-            batch = await client.batches.create(
-                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            batch = await _call(
+                lambda: client.batches.create(
+                    input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+                ),
+                config,
+                sleep,
             )
-            state_path.write_text(json.dumps({"batch_id": batch.id, "input_file_id": upload.id}))
-        while batch is not None and batch.status not in BATCH_DONE:
-            if on_status:
-                on_status(batch.status)
-            await sleep(poll_seconds)
-            batch = await client.batches.retrieve(batch.id)
-        if batch is not None:
-            if on_status:
-                on_status(batch.status)
-            if batch.output_file_id:
-                content = await client.files.content(batch.output_file_id)
-                for line in content.text.splitlines():
-                    if not line.strip():
-                        continue
-                    result = json.loads(line)
-                    key = result.get("custom_id")
-                    response = result.get("response") or {}
-                    body = response.get("body") or {}
-                    choices = body.get("choices") or []
-                    text = choices[0].get("message", {}).get("content") if choices else None
-                    if key not in keyed or response.get("status_code") != 200 or text is None:
-                        continue
-                    usage = body.get("usage") or {}
-                    counts = {
-                        "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
-                        "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
-                    }
-                    ledger.record(key, text, model=config.model, usage=counts)
-                    stats.sent += 1
-                    stats.prompt_tokens += counts["prompt_tokens"]
-                    stats.completion_tokens += counts["completion_tokens"]
-            state_path.unlink(missing_ok=True)
-        for key, (job_id, _) in keyed.items():
-            if key not in ledger:
-                stats.failed[job_id] = (
-                    f"not answered by batch {batch.id if batch else '-'} ({batch.status if batch else '-'})"
-                )
+            _write_state(state_path, {"batch_id": batch.id, "input_file_id": upload.id})
+            batch = await finish(batch)
+        for key, (_, job_ids) in keyed.items():
+            for job_id in job_ids:
+                if key not in ledger:
+                    stats.failed[job_id] = (
+                        f"not answered by batch {batch.id if batch else '-'} ({batch.status if batch else '-'})"
+                    )
+                elif key in known:
+                    stats.cached += 1
     finally:
         if own_client:
             await client.close()

@@ -119,12 +119,13 @@ def _config(server, folder, **overrides):
     return FetchConfig(out=folder, **{**settings, **overrides})
 
 
+CC_BY = {"code": "CC BY", "commercial_use": True}
 RECORDS = [
-    {"pair_id": "1_F1", "kind": "img", "graphic": "1"},
-    {"pair_id": "1_F2", "kind": "missing", "graphic": "2"},
-    {"pair_id": "1_F3", "kind": "cut", "graphic": "3"},
-    {"pair_id": "1_F4", "kind": "text", "graphic": "4"},
-    {"pair_id": "1_F5", "kind": "slow", "graphic": "5"},
+    {"pair_id": "1_F1", "kind": "img", "graphic": "1", "licence": CC_BY},
+    {"pair_id": "1_F2", "kind": "missing", "graphic": "2", "licence": CC_BY},
+    {"pair_id": "1_F3", "kind": "cut", "graphic": "3", "licence": CC_BY},
+    {"pair_id": "1_F4", "kind": "text", "graphic": "4", "licence": CC_BY},
+    {"pair_id": "1_F5", "kind": "slow", "graphic": "5", "licence": CC_BY},
     {
         "pair_id": "2_F1",
         "kind": "img",
@@ -216,3 +217,25 @@ def test_cli_images(tmp_path, server):
     assert json.loads(done.stdout.splitlines()[-1]) == {
         "manifest": str(tmp_path / "img" / "manifest.jsonl"), "ok": 1, "not_found": 1,
     }  # fmt: skip
+
+
+def test_unknown_licences_and_file_name_collisions(tmp_path, server):
+    folder = tmp_path / "images"
+    records = [
+        {"pair_id": "3/F1", "kind": "img", "graphic": "1"},  # no licence: excluded under "commercial"
+        {"pair_id": "4/F1", "kind": "img", "graphic": "2", "licence": CC_BY},
+        {"pair_id": "4_F1", "kind": "img", "graphic": "3", "licence": CC_BY},  # same file name as 4/F1
+        {"pair_id": "5_F1", "kind": "img", "graphic": "bad name", "licence": CC_BY},  # not a valid URL
+    ]
+    counts = fetch(records, _config(server, folder, licence="commercial"))
+    assert counts == {"licence_excluded": 1, "ok": 1, "error": 2}
+    entries = _manifest(folder)
+    assert entries["4/F1"]["file"] == "4_F1.jpg" and "is 4/F1's" in entries["4_F1"]["detail"]
+    assert "bad URL" in entries["5_F1"]["detail"]
+    # The manifest survives a line cut by a crash: the cut line goes, later entries stay readable.
+    with open(folder / "manifest.jsonl", "a") as handle:
+        handle.write('{"pair_id": "6_F1", "sta')
+    counts = fetch(records[1:2], _config(server, folder))
+    assert counts == {"skipped": 1} and all(
+        line.startswith("{") for line in (folder / "manifest.jsonl").read_text().splitlines()
+    )

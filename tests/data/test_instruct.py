@@ -66,6 +66,17 @@ def test_parsing_tolerates_label_variants():
     ]
 
 
+def test_an_empty_turn_does_not_discard_the_reply():
+    turns = instruct.parse_conversation(
+        "User: \nUser: What is it?\nAssistant: A CT.\nUser: Where?\nAssistant: \nAssistant: Left."
+    )
+    assert [(t.role, t.text) for t in turns] == [
+        ("user", "What is it?"), ("assistant", "A CT."), ("user", "Where?"), ("assistant", "Left."),
+    ]  # fmt: skip
+    single = instruct.figure_prompt("A CT.", "The CT was normal (Fig. 1).")  # one mention as a string
+    assert single.endswith("Figure Context:\n- The CT was normal (Fig. 1).")
+
+
 @pytest.mark.parametrize(
     "reply",
     ["", "I cannot help with that.", "Assistant: Hello.\nAssistant: Anything?", "User: Only a question?"],

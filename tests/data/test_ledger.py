@@ -93,3 +93,11 @@ def test_every_acknowledged_reply_survives_sigkill(tmp_path):
         # Every reply the writer returned from record() for is there, each once, none corrupt.
         assert all(f"{i:064d}" in ledger for i in range(acknowledged + 1))
         assert len(path.read_text().splitlines()) == len(ledger)
+
+
+def test_line_separators_inside_a_reply_are_not_line_ends(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    with Ledger(path) as ledger:
+        ledger.record("a" * 64, "A CT\u2028scan\u0085and\x1cmore", model="m")
+    with Ledger(path) as again:
+        assert again.get("a" * 64)["reply"] == "A CT\u2028scan\u0085and\x1cmore"

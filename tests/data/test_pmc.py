@@ -191,6 +191,24 @@ def test_sentence_splitting():
     ]
 
 
+def test_an_xref_without_text_around_it_is_no_mention(tmp_path):
+    empty = ARTICLE.replace(
+        "Nothing else here.</p>", 'Nothing else here.</p><p><xref ref-type="fig" rid="f3"/></p>'
+    )
+    records = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "e.nxml", empty))}
+    assert records["f3"].mentions == ["Both panels of Figs. 2 and 3 show CT slices, as in Smith et al. 2010."]
+
+
+def test_a_figure_with_its_own_permissions_keeps_them(tmp_path):
+    own = ARTICLE.replace(
+        '<fig id="f2"><label>Figure 2</label>',
+        '<fig id="f2"><label>Figure 2</label><permissions><copyright-statement>Reprinted with permission, '
+        "all rights reserved.</copyright-statement></permissions>",
+    )
+    records = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "p.nxml", own))}
+    assert records["f2"].licence.code == "unknown" and records["f3"].licence.code == "CC BY-NC-SA"
+
+
 def test_licence_rules():
     rules = pmc.classify_licence
     assert rules("http://creativecommons.org/licenses/by-nd/4.0/", None, None).code == "CC BY-ND"
@@ -199,6 +217,12 @@ def test_licence_rules():
     licence = rules(None, "Creative Commons Attribution-NonCommercial License", "open-access")
     assert (licence.code, licence.commercial_use) == ("CC BY-NC", False)
     assert rules(None, "All rights reserved.", None).commercial_use is None
+    spaced = rules(None, "Creative Commons Attribution Non Commercial (CC BY-NC 4.0)", None)
+    assert (spaced.code, spaced.commercial_use) == ("CC BY-NC", False)
+    assert rules(None, "Creative Commons Attribution-NoDerivatives 4.0", None).code == "CC BY-ND"
+    # "30 min." ends a sentence; "Fig." does not.
+    text = "Cells were incubated for 30 min. Figure 2 shows the result."
+    assert len(pmc.sentence_spans(text)) == 2
 
 
 def test_cli_writes_jsonl_without_torch(tmp_path, articles):

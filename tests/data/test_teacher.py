@@ -18,7 +18,14 @@ from fake_teacher import API_KEY, FakeTeacher, figures
 from llavamed_fast.data import instruct
 from llavamed_fast.data.curation import curate_instruct, default_ledger
 from llavamed_fast.data.ledger import Ledger
-from llavamed_fast.data.teacher import TeacherConfig, TeacherError, batch_state_path, retry_after, run_batch
+from llavamed_fast.data.teacher import (
+    TeacherConfig,
+    TeacherError,
+    batch_state_path,
+    retry_after,
+    run_batch,
+    run_jobs,
+)
 
 
 @pytest.fixture
@@ -187,26 +194,65 @@ def test_batch_api_round_trip_and_resume(tmp_path, key):
         ledger.close()
         assert statuses == ["validating"] and server.batches_created == 1
         assert batch_state_path(ledger).exists() and len(ledger) == 0
-        # ...and the next run picks the same batch up instead of submitting another.
+        # ...and the next run picks the same batch up, collects it, and submits only what it did not answer
+        # (f4, a 500 in the first batch) as a second batch.
         summary = curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False)
-        assert server.batches_created == 1 and not batch_state_path(ledger).exists()
+        assert server.batches_created == 2 and not batch_state_path(ledger).exists()
         assert (summary["sent"], summary["failed"], summary["records"]) == (
+            6,
+            0,
             5,
-            1,
-            4,
-        )  # f4 failed, f2 malformed
-        assert summary["failures"]["1_f4"].startswith("not answered by batch")
-        assert summary["filters"] == {"malformed_reply": 1, "no_reply": 1}
+        )  # f2's reply is malformed
+        assert summary["filters"] == {"malformed_reply": 1}
         ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
-        assert ids == ["1_f0", "1_f1", "1_f3", "1_f5"]
-        # Again in batch mode: only the failed request goes in a new batch.
+        assert ids == ["1_f0", "1_f1", "1_f3", "1_f4", "1_f5"]
+        # Again: everything is in the ledger, no batch is made.
         again = curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False)
         assert server.batches_created == 2 and (again["from_ledger"], again["sent"], again["records"]) == (
-            5,
-            1,
+            6,
+            0,
             5,
         )
         assert sum(server.replies.values()) == 6
+
+
+def test_a_resumed_batch_keeps_answers_beyond_this_runs_jobs_and_of_an_expired_batch(tmp_path, key):
+    # A batch for four figures, stopped; the next run asks for two of them only. All four answers are kept
+    # (they were paid for), even though the batch then ended as expired.
+    with FakeTeacher() as server:
+        config = _config(server)
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        jobs = [(f["pair_id"], instruct.build_messages(f)) for f in figures(4)]
+
+        async def stop(_seconds):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(run_batch(jobs, config, ledger, poll_seconds=0, sleep=stop))
+        batch = next(iter(server.batches.values()))
+        server._advance(batch)  # in_progress
+        server._advance(batch)  # answered...
+        batch["status"] = "expired"  # ...and then expired, keeping its output file
+        stats = asyncio.run(run_batch(jobs[:2], config, ledger, poll_seconds=0))
+        assert (stats.sent, stats.failed, server.batches_created) == (4, {}, 1)
+        assert len(ledger) == 4 and not batch_state_path(ledger).exists()
+        ledger.close()
+
+
+def test_identical_requests_are_sent_once(tmp_path, key):
+    with FakeTeacher() as server:
+        rows = figures(3)
+        rows.append(dict(rows[0]))  # the same figure twice in the input
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        jobs = [(f"job{i}", instruct.build_messages(f)) for i, f in enumerate(rows)]
+        stats = asyncio.run(run_jobs(jobs, _config(server), ledger))
+        assert (stats.sent, stats.cached, server.replies["f0"], len(ledger)) == (3, 1, 1, 3)
+        summary = curate_instruct(
+            _input(tmp_path, rows), tmp_path / "out.jsonl", _config(server), progress=False
+        )
+        ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert ids == ["1_f0", "1_f1", "1_f2"] and summary["filters"]["duplicate_pair_id"] == 1
+        ledger.close()
 
 
 def test_stats_of_a_curated_set(tmp_path, key):
