@@ -14,8 +14,9 @@ import os
 import random
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
+
+from llavamed_fast.data.durable import write_atomic
 
 CONCISE_WORDS = 30  # captions under this many words get a "concise" instruction
 
@@ -100,11 +101,4 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterable[tuple[int, dict[str, An
 
 def write_json(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> None:
     """A JSON list, written atomically (temporary file, fsync, rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(records, handle, ensure_ascii=False, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, out)
+    write_atomic(out, json.dumps(records, ensure_ascii=False, indent=1))

@@ -17,6 +17,7 @@ from typing import Any
 
 from llavamed_fast.data import instruct
 from llavamed_fast.data.alignment import read_jsonl
+from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.ledger import Ledger, request_key
 from llavamed_fast.data.teacher import TeacherConfig, estimate_tokens, run_batch, run_jobs
 
@@ -117,7 +118,7 @@ def curate_instruct(
             )
         )
     ledger.close()
-    _write_jsonl(records, out)
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary = {
         "records": len(records),
         "figures": len(selected),
@@ -140,15 +141,3 @@ def curate_instruct(
 def summary_path(out: str | os.PathLike[str]) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".summary.json")
-
-
-def _write_jsonl(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, out)

@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from llavamed_fast.data import selection
 from llavamed_fast.data.alignment import image_file_name
+from llavamed_fast.data.durable import read_log
 
 STATUSES = ("ok", "not_found", "licence_excluded", "corrupt", "error")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -72,19 +73,13 @@ class Manifest:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            data = path.read_bytes()
-            complete = data.rfind(b"\n") + 1
-            if complete < len(data):  # a line cut by a crash: cut it off, or the next entry would join it
-                with open(path, "r+b") as handle:
-                    handle.truncate(complete)
-            for line in data[:complete].decode("utf-8").split("\n"):
-                if line.strip():
-                    try:
-                        entry = json.loads(line)
-                        self.entries[entry["pair_id"]] = entry
-                    except (json.JSONDecodeError, KeyError):
-                        continue  # not an entry: that item is simply tried again
+        for line in read_log(path)[0]:  # a line cut by a crash is cut off, so the next one starts clean
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["pair_id"]] = entry
+                except (json.JSONDecodeError, KeyError):
+                    continue  # not an entry: that item is simply tried again
         self._lock = threading.Lock()
         self._handle = open(path, "a", encoding="utf-8")  # kept open: appended and fsynced per item
 

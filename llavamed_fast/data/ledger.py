@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llavamed_fast.data.durable import read_log
+
 
 def request_key(
     model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any] | None = None
@@ -48,18 +50,8 @@ class Ledger:
         self._handle = open(self.path, "a", encoding="utf-8")  # kept open: appended and fsynced per reply
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        complete = data.rfind(b"\n") + 1  # everything after the last newline is a line cut by a crash
-        if complete < len(data):
-            self.recovered_bytes = len(data) - complete
-            with open(self.path, "r+b") as handle:
-                handle.truncate(complete)
-                handle.flush()
-                os.fsync(handle.fileno())
-        # Split on "\n" only: str.splitlines() would also break at U+2028, U+0085 ... inside a reply.
-        for number, line in enumerate(data[:complete].decode("utf-8").split("\n"), start=1):
+        lines, self.recovered_bytes = read_log(self.path)  # a partial last line (a crash) is cut off
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:

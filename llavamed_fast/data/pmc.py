@@ -33,6 +33,7 @@ from pathlib import Path
 from lxml import etree
 
 from llavamed_fast.data import selection
+from llavamed_fast.data.durable import write_atomic
 
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 # Elements whose text is not part of the paragraph around them.
@@ -367,15 +368,6 @@ def parse_files(
 
 def write_jsonl(records: Iterable[FigureRecord], out: str | os.PathLike[str]) -> int:
     """Write records as JSONL atomically (a temporary file, fsync, rename); returns the count."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(out.name + ".tmp")
-    count = 0
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(record.to_json() + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, out)
-    return count
+    lines = [record.to_json() + "\n" for record in records]
+    write_atomic(out, "".join(lines))
+    return len(lines)

@@ -35,6 +35,7 @@ from typing import Any
 
 import openai
 
+from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.ledger import Ledger, request_key
 
 # USD per million tokens (input, output); a user's table or --price overrides it. Public list prices when
@@ -301,16 +302,6 @@ async def _call(make: Callable[[], Awaitable[Any]], config: TeacherConfig, sleep
     raise AssertionError("unreachable")
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    # Atomic and durable: a batch that exists must never be forgotten (it would be paid for twice).
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 async def run_batch(
     jobs: Sequence[Job],
     config: TeacherConfig,
@@ -406,7 +397,8 @@ async def run_batch(
                 config,
                 sleep,
             )
-            _write_state(state_path, {"batch_id": batch.id, "input_file_id": upload.id})
+            # Atomic and durable: a batch that exists must never be forgotten (it would be paid for twice).
+            write_atomic(state_path, json.dumps({"batch_id": batch.id, "input_file_id": upload.id}))
             batch = await finish(batch)
         for key, (_, job_ids) in keyed.items():
             for job_id in job_ids:

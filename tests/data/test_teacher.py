@@ -102,7 +102,18 @@ def test_a_wrong_key_stops_the_run_without_showing_the_key(tmp_path, monkeypatch
 
 
 def test_curation_never_imports_torch():
-    modules = ["pmc", "selection", "alignment", "instruct", "ledger", "teacher", "curation", "fetch", "stats"]
+    modules = [
+        "pmc",
+        "selection",
+        "alignment",
+        "instruct",
+        "ledger",
+        "teacher",
+        "curation",
+        "fetch",
+        "stats",
+        "durable",
+    ]
     script = "import sys\n" + "".join(f"import llavamed_fast.data.{m}\n" for m in modules)
     script += "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
