@@ -287,6 +287,10 @@ def parser() -> argparse.ArgumentParser:
         "--summary", default=None, help="the instruct run's summary (default: INPUT.summary.json)"
     )
     numbers.set_defaults(run=_curate_stats)
+
+    from llavamed_fast.eval.cli import add_parser as add_eval  # pure Python until a command needs torch
+
+    add_eval(commands)
     return root
 
 

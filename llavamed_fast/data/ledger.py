@@ -1,6 +1,7 @@
 """A content-addressed ledger of teacher replies: what has been paid for is on disk before it is used.
 
-Each reply is appended as one JSON line ``{"key", "reply", "usage", "model", "time"}`` and flushed and
+Each reply is appended as one JSON line ``{"key", "reply", "usage", "model", "time"[, "served_model"]}``
+(``served_model``: the model name the server reported with the reply) and flushed and
 fsynced before :meth:`Ledger.record` returns, so a run killed at any moment keeps every reply it received
 (at most the line being written is lost, and it is cut off when the ledger is opened again). The key is
 the SHA-256 of the request that produced the reply — model, messages and sampling parameters, as
@@ -70,10 +71,19 @@ class Ledger:
         return self._entries.get(key)
 
     def record(
-        self, key: str, reply: str, *, model: str, usage: Mapping[str, int] | None = None
+        self,
+        key: str,
+        reply: str,
+        *,
+        model: str,
+        usage: Mapping[str, int] | None = None,
+        served_model: str | None = None,
     ) -> dict[str, Any]:
-        """Append a reply and make it durable before returning."""
+        """Append a reply and make it durable before returning. ``served_model`` is the model name the
+        server reported (a dated version where the asked-for name is an alias)."""
         entry = {"key": key, "reply": reply, "usage": dict(usage or {}), "model": model, "time": time.time()}
+        if served_model:
+            entry["served_model"] = served_model
         line = json.dumps(entry, ensure_ascii=False) + "\n"
         with self._lock:
             self._handle.write(line)

@@ -263,7 +263,14 @@ async def run_jobs(
                     "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
                     "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
                 }
-                ledger.record(key, content, model=config.model, usage=counts)
+                served = getattr(response, "model", None)
+                ledger.record(
+                    key,
+                    content,
+                    model=config.model,
+                    usage=counts,
+                    served_model=served if isinstance(served, str) else None,
+                )
                 stats.sent += 1
                 stats.prompt_tokens += counts["prompt_tokens"]
                 stats.completion_tokens += counts["completion_tokens"]

@@ -34,14 +34,15 @@ def _materialise(data: DataConfig, folder: Path) -> tuple[Path, Path]:
             out, task=data.synthetic_task, count=data.synthetic_count, seed=data.synthetic_seed
         )
         return path, out / "images"
-    from llavamed_fast.data.vqa import vqa_rad_conversations
+    from llavamed_fast.eval.datasets import to_llava, vqa_rad
 
     root = Path(data.path)
     path = folder / "vqa_rad_train.json"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        # One question per record, as LLaVA-Med fine-tuned on VQA-RAD.
-        records = vqa_rad_conversations(root, split="train", turns=1)
+        # LLaVA-Med's fine-tuning set: the 1,797 freeform + para rows of the public JSON, one question per
+        # record (images as absolute paths).
+        records = to_llava(vqa_rad(root, "train"), prefix="vqa-rad-train")
         staging = path.with_suffix(".tmp")
         staging.write_text(json.dumps(records))
         staging.replace(path)

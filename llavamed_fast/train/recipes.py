@@ -73,8 +73,8 @@ def llava_med_v1_5() -> RunConfig:
 
 def vqa_finetune() -> RunConfig:
     """Fine-tune a stage-2 model (``model``: its exported directory, e.g. ``runs/v15/model``) on a VQA
-    training split; VQA-RAD's data_RAD split by default (``data.path``: the folder with trainset.json and
-    images/), one question per record. Set ``stages.vqa.epochs`` per dataset."""
+    training split; VQA-RAD by default (``data.path``: the folder with the public JSON and images/): LLaVA-Med's
+    1,797 freeform + para training questions, one per record. Set ``stages.vqa.epochs`` per dataset."""
     return RunConfig(
         recipe="vqa-finetune",
         model="runs/llava-med-v1.5/model",

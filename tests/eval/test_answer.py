@@ -1,0 +1,122 @@
+"""Batched, cached greedy decoding against the one-conversation reference; answer files that resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from llavamed_fast.data.templates import Message
+from llavamed_fast.eval import datasets
+from llavamed_fast.eval.answer import (
+    AnswerConfig,
+    answer_questions,
+    generate_batch,
+    vqa_questions,
+)
+from llavamed_fast.eval.prompts import YES_NO_OPTIONS
+from llavamed_fast.model import build
+from llavamed_fast.model.generate import greedy_generate
+
+NEW_TOKENS = 10
+
+
+def force_token(model, token_id: int, instead_of: int) -> None:
+    """Make the model emit ``token_id`` wherever it would emit ``instead_of`` (its output row, x1.01)."""
+    weight = model.language_model.get_output_embeddings().weight
+    weight.data[token_id] = 1.01 * weight.data[instead_of]
+
+
+def conversations(records):
+    # Prompts of different lengths (so the batch is left-padded), the image before or after the text.
+    out = []
+    for i, r in enumerate(records):
+        text = f"<image>\n{r.question}" if i % 2 else f"{r.question} Answer briefly, please.\n<image>"
+        out.append(([Message("user", text)], [Image.open(r.image).convert("RGB")]))
+    return out
+
+
+@pytest.mark.parametrize(("preset", "stop"), [("tiny-v0", "###"), ("tiny-v1.5", "eos")])
+def test_batched_generation_equals_the_reference_token_for_token(preset, stop, data_dir):
+    model, processor = build(preset, seed=3)
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")[:6]
+    convs = conversations(records)
+    free = [greedy_generate(model, processor, m, im, max_new_tokens=NEW_TOKENS) for m, im in convs]
+    # Make some replies end early: a token that some replies generate (after their start) becomes the
+    # stop token, so rows finish at different steps and the finished ones are padded while others go on.
+    stopper = (
+        processor.tokenizer.eos_token_id
+        if stop == "eos"
+        else processor.tokenizer.convert_tokens_to_ids("###")
+    )
+    common = free[0].token_ids[3]
+    force_token(model, stopper, common)
+    reference = [greedy_generate(model, processor, m, im, max_new_tokens=NEW_TOKENS) for m, im in convs]
+    ended = [len(r.token_ids) < NEW_TOKENS or r.token_ids[-1] == stopper for r in reference]
+    assert any(ended) and not all(len(r.token_ids) == len(reference[0].token_ids) for r in reference)
+    batched = generate_batch(model, processor, convs, max_new_tokens=NEW_TOKENS)
+    for ours, theirs in zip(batched, reference, strict=True):
+        assert ours.token_ids == theirs.token_ids
+        assert ours.text == theirs.text
+    # Order and batch composition do not change a reply.
+    alone = generate_batch(model, processor, convs[3:4], max_new_tokens=NEW_TOKENS)
+    assert alone[0].token_ids == reference[3].token_ids
+
+
+def test_prompt_styles(data_dir):
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")
+    closed = next(r for r in records if r.answer_type == "CLOSED" and r.answer.lower() in ("yes", "no"))
+    opened = next(r for r in records if r.answer_type == "OPEN")
+    (_, turn, images), (_, open_turn, _) = vqa_questions([closed, opened], "llava-med")
+    assert turn == f"{closed.question}{YES_NO_OPTIONS}\n<image>" and images == [closed.image]
+    assert open_turn == f"{opened.question}\n<image>"
+    assert vqa_questions([closed], "plain")[0][1] == f"<image>\n{closed.question}"
+    with pytest.raises(ValueError, match="unknown prompt style 'fancy'"):
+        AnswerConfig(prompt_style="fancy")
+
+
+def test_answer_file_resumes_and_a_bad_image_skips_only_its_question(tmp_path, data_dir):
+    model, processor = build("tiny-v1.5", seed=0)
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")[:7]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Image.open(records[2].image).tobytes()[:500])  # not an image file at all
+    records[2] = datasets.VQARecord(**{**records[2].to_json(), "image": str(broken)})
+    config = AnswerConfig(batch_size=3, max_new_tokens=4, model_id="tiny")
+    out = tmp_path / "answers.jsonl"
+    first = answer_questions(model, processor, vqa_questions(records[:5], "llava-med"), out, config)
+    assert first["answered"] == 4 and list(first["failed"]) == [records[2].question_id]
+    assert "broken.jpg" in first["failed"][records[2].question_id]
+    # A crash mid-write leaves a cut line; the next run cuts it off and answers only what is missing.
+    with open(out, "a") as handle:
+        handle.write('{"question_id": "cut')
+    second = answer_questions(model, processor, vqa_questions(records, "llava-med"), out, config)
+    assert second["skipped_done"] == 4 and second["answered"] == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [r.question_id for r in records if r.image != str(broken)]
+    assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert rows[0]["metadata"] == {"prompt_style": "llava-med", "noise_images": False, "max_new_tokens": 4}
+    # The same questions answered again from scratch give the same file (greedy, deterministic).
+    again = tmp_path / "again.jsonl"
+    answer_questions(model, processor, vqa_questions(records, "llava-med"), again, config)
+    assert again.read_text() == out.read_text()
+
+
+def test_noise_images_replace_every_image_deterministically(tmp_path, data_dir):
+    model, processor = build("tiny-v1.5", seed=1)
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")[:4]
+    items = vqa_questions(records, "plain")
+    real = answer_questions(model, processor, items, tmp_path / "real.jsonl", AnswerConfig(max_new_tokens=6))
+    noise_config = AnswerConfig(max_new_tokens=6, noise_images=True)
+    answer_questions(model, processor, items, tmp_path / "noise1.jsonl", noise_config)
+    answer_questions(model, processor, items[::-1], tmp_path / "noise2.jsonl", noise_config)
+    assert real["answered"] == 4
+
+    def texts(name):
+        return {
+            json.loads(line)["question_id"]: json.loads(line)["text"]
+            for line in (tmp_path / name).read_text().splitlines()
+        }
+
+    assert texts("noise1.jsonl") == texts("noise2.jsonl")  # noise drawn per question, not per position
+    assert texts("noise1.jsonl") != texts("real.jsonl")
