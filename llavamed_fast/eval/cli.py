@@ -19,12 +19,22 @@ def _export(args: argparse.Namespace) -> int:
 
     options = {"source": args.source} if args.dataset == "vqa-rad" else {}
     try:
-        records = datasets.load(args.dataset, args.split, args.root, **options)
+        if args.hub:
+            images = Path(args.images or Path(args.out).with_name(Path(args.out).stem + "_images"))
+            records = datasets.from_hub(args.hub, args.split, images)
+        else:
+            records = datasets.load(args.dataset, args.split, args.root, **options)
         if args.limit:
             records = records[: args.limit]
         datasets.check_images(records)
     except DatasetError as error:
         print(f"eval export: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        print(
+            f"eval export: --hub needs the 'datasets' package (pip install datasets): {error}",
+            file=sys.stderr,
+        )
         return 2
     if args.format == "llava":
         write_atomic(args.out, json.dumps(datasets.to_llava(records, prefix=args.dataset), indent=1) + "\n")
@@ -187,6 +197,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help=f"the dataset folder (PathVQA: its JSONL); default $LLAVAMED_SHARED_DATA/{{{', '.join(DEFAULT_FOLDERS.values())}}}",
     )
     export.add_argument("--source", default="public", choices=("public", "data_rad"), help="VQA-RAD only")
+    export.add_argument(
+        "--hub",
+        help="read a Hugging Face copy instead (hub id or save_to_disk folder; needs the datasets package)",
+    )
+    export.add_argument("--images", help="with --hub: where to write its images (default: OUT_images/)")
     export.add_argument("--format", default="canonical", choices=("canonical", "llava"))
     export.add_argument("--limit", type=int, default=0, help="only the first N questions")
     export.add_argument("--out", required=True)

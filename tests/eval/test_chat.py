@@ -192,3 +192,36 @@ def test_question_and_answer_files_errors_name_the_line(tmp_path, data_dir):
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": "0", "text": "x"}) + "\n")
     with pytest.raises(chat.ChatEvalError, match="192 question\\(s\\) have no answer, first '1'"):
         chat.load_answers(tmp_path / "a.jsonl", questions)
+
+
+def test_chat_answers_with_a_checkpoint_then_judges(tmp_path, data_dir):
+    # The figures are not shipped with the questions: real VQA-RAD images stand in under their names.
+    import shutil
+
+    questions = chat.load_questions(data_dir / QA)[:4]
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    stand_ins = sorted((data_dir / "vqa-rad" / "images").glob("*.jpg"))
+    for question, image in zip(questions, stand_ins, strict=False):
+        shutil.copy(image, folder / question.image)
+    subprocess.run(
+        [sys.executable, "-m", "llavamed_fast.cli", "init", "--preset", "tiny-v1.5", "--out", tmp_path / "ckpt"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    with FakeJudge() as judge:
+        args = [
+            "--questions", data_dir / QA, "--model", tmp_path / "ckpt", "--image-folder", folder,
+            "--max-new-tokens", "6", "--limit", "4", "--device", "cpu", "--out", tmp_path / "chat",
+            "--judge-model", "judge-test", "--api-key-env", "JUDGE_KEY", "--base-url", judge.base_url,
+        ]  # fmt: skip
+        done = run_cli(args, tmp_path)
+        assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in (tmp_path / "chat" / "answers.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [q.question_id for q in questions]
+    assert [a["prompt"] for a in answers] == [q.prompt for q in questions]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["judged"] == 4 and summary["answers_file"].endswith("answers.jsonl")
+    # Without the figures the run stops before answering anything, naming the missing file.
+    (folder / questions[1].image).unlink()
+    missing = run_cli(args, tmp_path)
+    assert missing.returncode == 2 and questions[1].image in missing.stderr

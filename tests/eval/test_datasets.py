@@ -137,6 +137,18 @@ def test_from_hub_reads_a_saved_copy(tmp_path, data_dir):
     ]
     for record, original in zip(records, source, strict=True):
         assert Image.open(record.image).size == Image.open(original.image).size
+    # The same through the command, into canonical JSONL.
+    from llavamed_fast.cli import main
+
+    out = tmp_path / "pathvqa.jsonl"
+    assert (
+        main(["eval", "export", "--dataset", "pathvqa", "--hub", str(tmp_path / "copy"), "--out", str(out)])
+        == 0
+    )
+    assert [(r.question_id, r.answer) for r in datasets.read_records(out)] == [
+        (r.question_id, r.answer) for r in records
+    ]
+    assert (tmp_path / "pathvqa_images" / "test_000003.png").is_file()
 
 
 def test_the_vqa_finetune_stage_trains_on_llava_meds_1797_questions(tmp_path, data_dir):
