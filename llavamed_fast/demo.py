@@ -5,7 +5,7 @@
    plus held-out single questions on unseen scans.
 2. Train a tiny LLaVA-Med (random init) through stage 1 (projector on captions) and stage 2 (projector +
    LLM on conversations) with the real training code (``train/loop.py``).
-3. Answer the held-out questions by greedy decoding, once with the real images and once with the images
+3. Answer the held-out questions by batched greedy decoding (``eval/answer.py``), once with the real images and once with the images
    replaced by noise: a model that answers from the image scores high with the images and near chance
    without them. Print a table; the last line is a JSON summary.
 """
@@ -23,8 +23,8 @@ from PIL import Image
 
 from llavamed_fast.data.synthetic import canonical_answer, make_eval_set, noise_like
 from llavamed_fast.data.templates import Message
+from llavamed_fast.eval.answer import generate_batch
 from llavamed_fast.model import load_pretrained
-from llavamed_fast.model.generate import greedy_generate
 from llavamed_fast.train.config import RunConfig
 from llavamed_fast.train.loop import train
 from llavamed_fast.train.recipes import get_recipe
@@ -42,24 +42,26 @@ def demo_config(*, scale: float = 1.0, seed: int = 0) -> RunConfig:
     return replace(config, stages=tuple(stages))
 
 
-def evaluate(model_dir: Path, eval_file: Path, *, noise: bool, max_new_tokens: int = 8) -> dict:
+def evaluate(
+    model_dir: Path, eval_file: Path, *, noise: bool, max_new_tokens: int = 8, batch_size: int = 64
+) -> dict:
     """Greedy answers to every held-out question; accuracy per answer type and per question kind."""
     model, processor = load_pretrained(model_dir)
     model.eval()
+    items = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    replies: list[str] = []
+    for start in range(0, len(items), batch_size):
+        conversations = []
+        for number, item in enumerate(items[start : start + batch_size], start=start):
+            image = Image.open(eval_file.parent / "images" / item["image"]).convert("RGB")
+            if noise:
+                image = noise_like(image, seed=number)
+            conversations.append(([Message("user", f"<image>\n{item['question']}")], [image]))
+        results = generate_batch(model, processor, conversations, max_new_tokens=max_new_tokens)
+        replies += [result.text for result in results]
     hits: dict[str, list[bool]] = defaultdict(list)
     by_question: dict[str, list[bool]] = defaultdict(list)
-    for number, line in enumerate(eval_file.read_text().splitlines()):
-        item = json.loads(line)
-        image = Image.open(eval_file.parent / "images" / item["image"]).convert("RGB")
-        if noise:
-            image = noise_like(image, seed=number)
-        reply = greedy_generate(
-            model,
-            processor,
-            [Message("user", f"<image>\n{item['question']}")],
-            [image],
-            max_new_tokens=max_new_tokens,
-        ).text
+    for item, reply in zip(items, replies, strict=True):
         right = canonical_answer(reply) == item["answer"]
         hits[item["answer_type"]].append(right)
         # Each kind of question has one fixed wording (the side one names either side): group by its start.

@@ -58,17 +58,19 @@ def generate_batch(
     was_training = model.training
     model.eval()
     try:
-        samples = []
+        # The vision tower runs once for every image of the batch.
+        pictures = [image for _, images in conversations for image in images]
+        features = (
+            model.image_features(processor.preprocess_images(pictures).to(device)) if pictures else None
+        )
+        samples, used = [], 0
         for number, (messages, images) in enumerate(conversations):
             encoded = processor.encode(messages, num_images=len(images), add_generation_prompt=True)
-            features = None
-            if images:
-                features = model.image_features(processor.preprocess_images(list(images)).to(device))
+            own = features[used : used + len(images)] if images else None
+            used += len(images)
             ids = np.asarray(encoded.input_ids, dtype=np.int64)
             samples.append(
-                Sample(
-                    str(number), ids, np.full_like(ids, IGNORE_INDEX), encoded.image_starts, None, features
-                )
+                Sample(str(number), ids, np.full_like(ids, IGNORE_INDEX), encoded.image_starts, None, own)
             )
         batch = collate(samples).to(device)
         embeds = model.embed(batch)  # [T, D], every prompt's tokens with its image rows filled in
