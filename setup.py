@@ -203,7 +203,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     # Tokenizers and chat templates that ship inside the package (e.g. llavamed_fast/model/*.json).
-    package_data={"llavamed_fast": ["**/*.json", "**/*.jinja"]},
+    package_data={"llavamed_fast": ["**/*.json", "**/*.jinja", "serve/static/*"]},
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -291,6 +291,10 @@ def parser() -> argparse.ArgumentParser:
     from llavamed_fast.eval.cli import add_parser as add_eval  # pure Python until a command needs torch
 
     add_eval(commands)
+
+    from llavamed_fast.serve.cli import add_parser as add_serve
+
+    add_serve(commands)
     return root
 
 
