@@ -247,6 +247,8 @@ def _params(body: ChatRequest, limits: ServerLimits) -> SamplingParams:
             400, f"max_tokens is {asked}; this server allows at most {limits.max_tokens}", param="max_tokens"
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    for number, text in enumerate(stop):
+        _check_unicode(text, f"stop.{number}")
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
     try:
@@ -255,6 +257,16 @@ def _params(body: ChatRequest, limits: ServerLimits) -> SamplingParams:
         )
     except RequestError as error:
         raise APIError(400, str(error)) from None
+
+
+def _check_unicode(text: str, where: str) -> None:
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"): a str no tokenizer (or UTF-8) can take.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, f"{where}: the text holds a lone surrogate (not valid Unicode)", param=where
+        ) from None
 
 
 def _convert(body: ChatRequest, limits: ServerLimits, policy: ImagePolicy) -> tuple[list[Message], list]:
@@ -276,6 +288,7 @@ def _convert(body: ChatRequest, limits: ServerLimits, policy: ImagePolicy) -> tu
         for number, part in enumerate(parts):
             where = f"messages.{index}.content.{number}"
             if isinstance(part, TextPart):
+                _check_unicode(part.text, where)
                 if IMAGE_TOKEN in part.text:
                     raise APIError(
                         400,
