@@ -1,4 +1,5 @@
-"""``llavamed-fast serve``: the OpenAI-compatible API and the chat page for one checkpoint."""
+"""``llavamed-fast serve`` (the OpenAI-compatible API and the chat page) and ``llavamed-fast chat`` (the
+terminal)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from llavamed_fast.serve.chat import ChatSession
+    from llavamed_fast.serve.engine import RequestError, SamplingParams
+    from llavamed_fast.serve.server import load_engine
+
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
+        )
+    except RequestError as error:
+        print(f"chat: {error}", file=sys.stderr)
+        return 2
+    engine = load_engine(
+        args.model, template=args.template, device=args.device, dtype=args.dtype, max_batch=1
+    )
+    with engine:
+        session = ChatSession(engine, params)
+        if args.image and not session.load(args.image):
+            return 2
+        session.run()
+    return 0
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    chat = commands.add_parser("chat", help="talk to a checkpoint about an image in the terminal")
+    chat.add_argument("--model", required=True, help="a checkpoint directory (HF layout)")
+    chat.add_argument("--image", help="an image or DICOM file (or load one later with /image PATH)")
+    chat.add_argument("--template", help="chat template, only for plain transformers checkpoints")
+    chat.add_argument("--device", help="default: cuda if available, else cpu")
+    chat.add_argument("--dtype", choices=DTYPES)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.set_defaults(run=_chat)
+
     serve = commands.add_parser("serve", help="an OpenAI-compatible API and a chat page for a checkpoint")
     serve.add_argument("--model", required=True, help="a checkpoint directory (HF layout)")
     serve.add_argument("--model-name", help="the id clients use (default: the folder name)")

@@ -172,7 +172,11 @@ def test_bad_requests_get_a_4xx_that_says_what_is_wrong(served, vqa_rad_images):
     noise = Image.frombytes("RGB", (850, 850), os.urandom(850 * 850 * 3))  # ~2.2 MB as PNG > 2 MB
     cases = [
         (post(server, None, raw=b'{"messages": [}'), 400, "not valid JSON"),
-        (post(server, None, raw=b'{"messages": [{"role": "user", "content": "\\ud800"}]}'), 400, "lone surrogate"),
+        (
+            post(server, None, raw=b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+            400,
+            "lone surrogate",
+        ),
         (post(server, {"messages": "hello"}), 400, "messages"),
         (post(server, {}), 400, "messages"),
         (post(server, {"messages": [{"role": "doctor", "content": "hi"}]}), 400, "messages.0.role"),
