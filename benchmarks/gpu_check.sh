@@ -62,6 +62,12 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   for bench in varlen_attention linear_cross_entropy projector; do
     run 60 "bench_$bench" $python benchmarks/bench_$bench.py
   done
+  # Serving needs fastapi and uvicorn, which a bare GPU image may lack (no network to install them).
+  if $python -c "import fastapi, uvicorn" 2>/dev/null; then
+    run 120 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 32
+  else
+    say "bench_serve skipped: fastapi/uvicorn are not installed here"
+  fi
 fi
 
 # A summary of every benchmark's headline (its last output line) next to the raw rows.

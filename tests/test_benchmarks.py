@@ -16,6 +16,7 @@ CASES = {
     "bench_linear_cross_entropy.py": (["--smoke"], {"speedup_vs_eager", "memory_vs_eager"}),
     "bench_projector.py": (["--smoke"], {"fraction_of_gemm_rate", "measured_gemm_tflops"}),
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
+    "bench_serve.py": (["--smoke"], {"requests_per_s_1", "ttft_ms_1", "requests_per_s_4", "ttft_ms_4"}),
 }
 
 
