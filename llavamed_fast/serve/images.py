@@ -123,7 +123,8 @@ def _get(url: str, address: str, policy: ImagePolicy, where: str) -> bytes | str
     try:
         with httpx.Client(timeout=policy.timeout, follow_redirects=False) as client:
             request = client.build_request("GET", pinned.geturl(), headers=headers, extensions=extensions)
-            with client.send(request, stream=True) as response:
+            response = client.send(request, stream=True)
+            try:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
@@ -140,6 +141,8 @@ def _get(url: str, address: str, policy: ImagePolicy, where: str) -> bytes | str
                     if len(body) > policy.max_bytes:
                         raise ImageRequestError(f"{where}: the image is larger than {policy.max_bytes} bytes")
                 return bytes(body)
+            finally:
+                response.close()
     except httpx.HTTPError as error:
         raise ImageRequestError(f"{where}: fetching the image failed ({type(error).__name__})") from None
 
