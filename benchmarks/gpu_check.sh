@@ -62,6 +62,8 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   for bench in varlen_attention linear_cross_entropy projector; do
     run 60 "bench_$bench" $python benchmarks/bench_$bench.py
   done
+  # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava.
+  run 300 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4
   # Serving needs fastapi and uvicorn, which a bare GPU image may lack (no network to install them).
   if $python -c "import fastapi, uvicorn" 2>/dev/null; then
     run 120 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 32

@@ -17,6 +17,15 @@ CASES = {
     "bench_projector.py": (["--smoke"], {"fraction_of_gemm_rate", "measured_gemm_tflops"}),
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
     "bench_serve.py": (["--smoke"], {"requests_per_s_1", "ttft_ms_1", "requests_per_s_4", "ttft_ms_4"}),
+    "bench_train_step.py": (
+        ["--smoke"],
+        {
+            f"{v}_stage{s}_{k}"
+            for v in ("v0", "v1.5")
+            for s in (1, 2)
+            for k in ("tokens_per_s", "speedup_vs_baseline")
+        },
+    ),
 }
 
 

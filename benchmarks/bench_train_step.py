@@ -1,0 +1,437 @@
+"""One LLaVA-Med training step, ours vs the way LLaVA-style training runs it, with MFU and the projected
+time of the whole curriculum.
+
+Models: random init with the shapes of LLaVA-Med v0 (CLIP-L/14-224 + LLaMA-7B: hidden 4096, 32 heads,
+MLP 11008, vocab 32000, linear projector) and v1.5 (CLIP-L/14-336 + Mistral-7B: 8 KV heads, MLP 14336,
+mlp2x_gelu), with ``--layers`` LLM layers so that the step fits one GPU and the time budget: the cost per
+layer is what is measured. bf16 weights, AdamW on what trains. Samples follow ``bench_packing.py``'s
+length mix for each stage (stage 1: image + prompt + caption; stage 2: image + prompt + a 2-4 turn
+conversation), the image-token count of each model swapped in.
+
+- **stage 1**: LLM and vision tower frozen, the projector trains (and v0's image-start/end rows do not:
+  they are embeddings of the frozen LLM here); **stage 2**: LLM + projector train.
+- **baseline**: transformers' ``LlavaForConditionalGeneration`` on padded batches (each batch padded to
+  its longest sample), SDPA attention, gradient checkpointing, logits over every token.
+- **ours**: packed rows (no padding) through ``LlavaMed`` and our ops; **ours (reference ops)**: the same
+  with every op on its torch reference, so the kernels' share of the gain is visible.
+
+Each configuration takes the same samples, in the same order, for ``--steps`` timed optimizer steps after
+``--warmup`` (CUDA events). Tokens/s counts real tokens only. MFU is model FLOPs
+(``llavamed_fast.train.flops.batch_flops``: 4N per token when the LLM is frozen, 6N when it trains, plus
+the head on supervised tokens, attention and the vision tower; padding and recompute earn nothing) over
+the time and the device's dense bf16 peak. The projection scales the measured MFU of ours to the full
+32-layer models and the paper's curriculum (600K alignment pairs x 1 epoch, 60K conversations x 3 epochs).
+
+Last line: JSON. ``--smoke``: the tiny presets on the CPU, a step or two each (checks the script, not the
+speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from bench_packing import stage_lengths
+from harness import report
+
+from llavamed_fast import ops
+from llavamed_fast.data.packing import Sample, collate, pack
+from llavamed_fast.data.templates import IGNORE_INDEX
+from llavamed_fast.model import build, get_preset
+from llavamed_fast.model.checkpoint import hf_config
+from llavamed_fast.train.flops import batch_flops, peak_tflops
+
+VOCAB = 32000
+# The paper's curriculum: 600K alignment pairs for one epoch, 60K conversations for three.
+CURRICULUM = {1: 600_000, 2: 3 * 60_000}
+PAPER_HOURS_8XA100 = 6.8 + 8.0
+
+
+def model_config(variant: str, layers: int):
+    vision = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "image_size": 224 if variant == "v0" else 336,
+    }
+    text = {
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    if variant == "v0":
+        text |= {"model_type": "llama", "intermediate_size": 11008}
+        base = get_preset("tiny-v0")
+    else:
+        text |= {
+            "model_type": "mistral",
+            "intermediate_size": 14336,
+            "num_key_value_heads": 8,
+            "sliding_window": None,
+        }
+        base = get_preset("tiny-v1.5")
+    return base.replace(name=f"bench-{variant}-{layers}l", vision=vision, text=text, max_length=4096)
+
+
+def build_model(variant: str, layers: int, device: torch.device, dtype: torch.dtype, smoke: bool):
+    with torch.device(device):
+        if smoke:
+            model, processor = build(f"tiny-{variant}", seed=0, dtype=dtype)
+        else:
+            model, processor = build(model_config(variant, layers), seed=0, dtype=dtype)
+            # The tiny tokenizer stands in for the real one; the head and embeddings get the real vocabulary.
+            model.language_model.resize_token_embeddings(VOCAB, mean_resizing=False)
+    return model, processor
+
+
+@dataclass
+class Item:
+    ids: np.ndarray
+    labels: np.ndarray
+    image_start: int  # first image token
+
+
+def make_samples(stage: int, count: int, model, processor, seed: int, smoke: bool) -> list[Item]:
+    """Token ids with one image block after a short prefix, supervised where the stage supervises."""
+    per_image = image_block = model.tokens_per_image
+    lengths = stage_lengths(stage, count, seed) - 258 + per_image
+    if smoke:
+        lengths = np.minimum(lengths, 48 + per_image)
+    rng = np.random.default_rng([seed, stage, 1])
+    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    special = {model.image_token_id}
+    items = []
+    for length in lengths.tolist():
+        ids = rng.integers(3, min(vocab, 30000), size=length)
+        while special & set(ids.tolist()):
+            ids = np.where(np.isin(ids, list(special)), 5, ids)
+        start = 8
+        ids[start : start + image_block] = model.image_token_id
+        labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
+        text_start = start + image_block + 40
+        if stage == 1:
+            labels[text_start:] = ids[text_start:]  # the caption
+        else:
+            # Alternating human / assistant spans; the assistant's are supervised (~60 % of the text).
+            cuts = np.linspace(text_start, length, 7).astype(int)
+            for a, b in zip(cuts[:-1:2], cuts[1::2], strict=False):
+                labels[a + (b - a) // 5 : b] = ids[a + (b - a) // 5 : b]
+        items.append(Item(ids.astype(np.int64), labels, start))
+    return items
+
+
+def pixel_batch(model, count: int, device, dtype, generator) -> torch.Tensor:
+    size = model.vision_tower.config.image_size
+    return torch.randn(count, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+
+
+def trainable(model, stage: int) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep = list(model.multi_modal_projector.parameters())
+    if stage == 2:
+        keep += list(model.language_model.parameters())
+    for p in keep:
+        p.requires_grad_(True)
+    return keep
+
+
+def optimizer_for(params, device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------- ours
+def our_steps(model, items: list[Item], budget: int, device, dtype, stage: int, steps_rows: int):
+    """Packed rows of at most ``budget`` tokens, grouped into optimizer steps of ``steps_rows`` rows."""
+    rows = pack([len(it.ids) for it in items], budget)
+    generator = torch.Generator().manual_seed(0)
+    built = []
+    for row in rows:
+        samples = [
+            Sample(
+                str(i),
+                items[i].ids,
+                items[i].labels,
+                np.array([items[i].image_start]),
+                pixel_batch(model, 1, "cpu", torch.float32, generator),
+            )
+            for i in row
+        ]
+        batch = collate(samples)
+        flops = batch_flops(model, batch, llm_trainable=stage == 2)
+        built.append((batch.to(device), flops, sum(len(items[i].ids) for i in row)))
+    return [built[i : i + steps_rows] for i in range(0, len(built), steps_rows)]
+
+
+def run_ours(model, steps, optimizer, *, reference_ops: bool, recompute: bool):
+    llm = model.language_model
+    if recompute:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif llm.is_gradient_checkpointing:
+        llm.gradient_checkpointing_disable()
+    model.train()
+
+    def context():
+        if not reference_ops:
+            return contextlib.nullcontext()
+        return ops.use_backend(
+            **dict.fromkeys(("varlen_attention", "projector", "linear_cross_entropy"), "torch")
+        )
+
+    def one(step):
+        with context():
+            total = sum(int((model.shifted_labels(b) != IGNORE_INDEX).sum()) for b, _, _ in step)
+            for batch, _, _ in step:
+                loss = model(batch, reduction="sum").loss / total
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return one
+
+
+# --------------------------------------------------------------------------------------------- baseline
+def baseline_model(model, device, dtype):
+    from transformers import LlavaForConditionalGeneration
+
+    config = hf_config(model)
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = LlavaForConditionalGeneration(config).to(dtype)
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return hf
+
+
+def baseline_steps(
+    hf, model, items: list[Item], batch_size: int, device, dtype, stage: int, steps_batches: int
+):
+    """Padded batches of ``batch_size`` samples (pad to the longest, right padding), in sample order."""
+    pad = 0
+    generator = torch.Generator().manual_seed(0)
+    built = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        width = max(len(it.ids) for it in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, it in enumerate(chunk):
+            ids[row, : len(it.ids)] = torch.from_numpy(it.ids)
+            labels[row, : len(it.ids)] = torch.from_numpy(it.labels)
+            mask[row, : len(it.ids)] = 1
+        pixels = pixel_batch(model, len(chunk), "cpu", torch.float32, generator)
+        built.append(
+            (
+                ids.to(device),
+                labels.to(device),
+                mask.to(device),
+                pixels.to(device, dtype),
+                sum(len(it.ids) for it in chunk),
+            )
+        )
+    return [built[i : i + steps_batches] for i in range(0, len(built), steps_batches)]
+
+
+def run_baseline(hf, optimizer):
+    hf.train()
+
+    def one(step):
+        for ids, labels, mask, pixels, _ in step:
+            # transformers averages over each batch's supervised tokens; scaled per batch as LLaVA does.
+            loss = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss / len(step)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return one
+
+
+def _our_tokens(step) -> int:
+    return sum(tokens for _, _, tokens in step)
+
+
+def _our_flops(step) -> float:
+    return sum(flops for _, flops, _ in step)
+
+
+def _baseline_tokens(step) -> int:
+    return sum(batch[-1] for batch in step)
+
+
+def _baseline_flops(step, per_token: float) -> float:
+    # The same samples as ours, so the same model FLOPs per real token; padding earns none.
+    return _baseline_tokens(step) * per_token
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def time_steps(one, steps, warmup: int, timed: int, device) -> float:
+    """Seconds per optimizer step (median over ``timed`` steps, cycling through ``steps``)."""
+    for i in range(warmup):
+        one(steps[i % len(steps)])
+    times = []
+    for i in range(timed):
+        step = steps[(warmup + i) % len(steps)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        one(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - begin)
+    return float(np.median(times))
+
+
+def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(one, steps, warmup, timed, device)
+    # Per-step averages over the steps actually timed (they cycle through the list).
+    chosen = [steps[(warmup + i) % len(steps)] for i in range(timed)]
+    tokens = float(np.mean([tokens_of(s) for s in chosen]))
+    flops = float(np.mean([flops_of(s) for s in chosen]))
+    out = {
+        "config": name,
+        "step_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops": flops / seconds / 1e12,
+        "mfu": (flops / seconds / 1e12) / peak if peak else None,
+    }
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def full_model_flops_per_sample(variant: str, stage: int, items_probe: int, seed: int) -> float:
+    """Model FLOPs per sample of the full 32-layer model on the stage's length mix (a meta-device model)."""
+    with torch.device("meta"):
+        model, processor = build(model_config(variant, 32), dtype=torch.bfloat16)
+        model.language_model.resize_token_embeddings(VOCAB, mean_resizing=False)
+    items = make_samples(stage, items_probe, model, processor, seed, smoke=False)
+    total = 0.0
+    for it in items:
+        sample = Sample("p", it.ids, it.labels, np.array([it.image_start]), torch.zeros(1, 3, 1, 1))
+        total += batch_flops(model, collate([sample]), llm_trainable=stage == 2)
+    return total / len(items)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", choices=("v0", "v1.5", "both"), default="both")
+    parser.add_argument("--stage", choices=("1", "2", "both"), default="both")
+    parser.add_argument("--layers", type=int, default=4, help="LLM layers (the cost per layer is measured)")
+    parser.add_argument("--budget", type=int, default=16384, help="tokens per packed row (ours)")
+    parser.add_argument("--rows-per-step", type=int, default=1)
+    parser.add_argument("--baseline-batch", type=int, default=8, help="samples per padded batch (baseline)")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--recompute", action="store_true", help="gradient checkpointing in ours too")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.smoke:
+        args.samples, args.budget, args.baseline_batch, args.warmup, args.steps = 8, 512, 2, 1, 1
+    peak = peak_tflops(device, dtype)
+    variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
+    stages = (1, 2) if args.stage == "both" else (int(args.stage),)
+    rows, headline = [], {"layers": args.layers}
+    for variant in variants:
+        model, processor = build_model(variant, args.layers, device, dtype, args.smoke)
+        hf = None if args.no_baseline else baseline_model(model, device, dtype)
+        for stage in stages:
+            items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
+            real = sum(len(it.ids) for it in items)
+            base = {"variant": variant, "stage": stage}
+            ours = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
+            opt = optimizer_for(trainable(model, stage), device)
+            fast = measure(
+                "ours",
+                run_ours(model, ours, opt, reference_ops=False, recompute=args.recompute),
+                ours,
+                _our_tokens,
+                _our_flops,
+                args.warmup,
+                args.steps,
+                device,
+                peak,
+            )
+            slow = measure(
+                "ours (reference ops)",
+                run_ours(model, ours, opt, reference_ops=True, recompute=args.recompute),
+                ours,
+                _our_tokens,
+                _our_flops,
+                args.warmup,
+                args.steps,
+                device,
+                peak,
+            )
+            rows += [{**base, **fast}, {**base, **slow}]
+            del opt
+            key = f"{variant}_stage{stage}"
+            headline[f"{key}_tokens_per_s"] = round(fast["tokens_per_s"], 1)
+            headline[f"{key}_mfu"] = None if fast["mfu"] is None else round(fast["mfu"], 4)
+            headline[f"{key}_kernels_speedup"] = round(fast["tokens_per_s"] / slow["tokens_per_s"], 3)
+            if hf is not None:
+                # The same samples, the same model FLOPs (padding earns none): FLOPs per sample carried over.
+                flops_per_token = sum(f for s in ours for _, f, _ in s) / real
+                steps = baseline_steps(hf, model, items, args.baseline_batch, device, dtype, stage, 1)
+                for p in hf.parameters():
+                    p.requires_grad_(False)
+                keep = list(hf.model.multi_modal_projector.parameters())
+                if stage == 2:
+                    keep += list(hf.model.language_model.parameters()) + list(hf.lm_head.parameters())
+                for p in keep:
+                    p.requires_grad_(True)
+                opt = optimizer_for(keep, device)
+                baseline = measure(
+                    "baseline (HF, padded, SDPA, checkpointing)",
+                    run_baseline(hf, opt),
+                    steps,
+                    _baseline_tokens,
+                    functools.partial(_baseline_flops, per_token=flops_per_token),
+                    args.warmup,
+                    args.steps,
+                    device,
+                    peak,
+                )
+                rows.append({**base, **baseline})
+                del opt
+                headline[f"{key}_speedup_vs_baseline"] = round(
+                    fast["tokens_per_s"] / baseline["tokens_per_s"], 3
+                )
+            if not args.smoke and fast["mfu"]:
+                # Projection: the full model's FLOPs over the curriculum at the measured MFU of ours.
+                per_sample = full_model_flops_per_sample(variant, stage, 512, seed=stage)
+                total = per_sample * CURRICULUM[stage]
+                for name, gpus, peak_gpu in (("8xA100", 8, 312.0), ("1xH100", 1, 989.4)):
+                    hours = total / (fast["mfu"] * peak_gpu * 1e12 * gpus) / 3600
+                    headline[f"{key}_projected_hours_{name}"] = round(hours, 2)
+        del model, hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for name in ("8xA100", "1xH100"):
+        parts = [headline.get(f"v0_stage{s}_projected_hours_{name}") for s in (1, 2)]
+        if all(p is not None for p in parts):
+            headline[f"v0_curriculum_projected_hours_{name}"] = round(sum(parts), 2)
+    headline["paper_hours_8xA100"] = PAPER_HOURS_8XA100
+    report("train_step", device, rows, headline, save=not args.smoke)
+
+
+if __name__ == "__main__":
+    main()
