@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 from llavamed_fast.data.packing import Sample, collate
 from llavamed_fast.data.templates import IGNORE_INDEX, Message
+from llavamed_fast.model import attention
 from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import LlavaMedProcessor
 
@@ -212,11 +213,14 @@ class Engine:
         return self
 
     def close(self) -> None:
+        """Stop the engine thread (requests still queued or running fail) and give the model its packed
+        training attention back."""
         with self._wake:
             self._running = False
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self.lm.set_attn_implementation(attention.register())
 
     def __enter__(self) -> Engine:
         return self.start()
