@@ -25,6 +25,14 @@ def shared_data() -> Path:
     return Path(os.environ.get("LLAVAMED_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
+def force_token(model, token_id: int, instead_of: int) -> None:
+    """Make a random model emit ``token_id`` wherever it would emit ``instead_of`` with a positive logit: its
+    output row becomes ``instead_of``'s, scaled by 1.01 (a margin far above any two engines' rounding). The
+    decoding tests use it to make replies stop (EOS, "###") at chosen places."""
+    weight = model.language_model.get_output_embeddings().weight
+    weight.data[token_id] = 1.01 * weight.data[instead_of]
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = shared_data()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import force_token
 from PIL import Image
 
 from llavamed_fast.data.templates import Message
@@ -20,12 +21,6 @@ from llavamed_fast.model import build
 from llavamed_fast.model.generate import greedy_generate
 
 NEW_TOKENS = 10
-
-
-def force_token(model, token_id: int, instead_of: int) -> None:
-    """Make the model emit ``token_id`` wherever it would emit ``instead_of`` (its output row, x1.01)."""
-    weight = model.language_model.get_output_embeddings().weight
-    weight.data[token_id] = 1.01 * weight.data[instead_of]
 
 
 def conversations(records):

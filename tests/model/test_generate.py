@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import force_token
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -26,13 +27,6 @@ def hf_messages() -> list[dict]:
         {"role": "assistant", "content": TURNS[0][1]},
         {"role": "user", "content": TURNS[1][0]},
     ]
-
-
-def force_token(model, token_id: int, instead_of: int) -> None:
-    """Make the model emit ``token_id`` wherever it would emit ``instead_of`` with a positive logit: its
-    output row becomes ``instead_of``'s, scaled by 1.01 (a margin far above the two engines' rounding)."""
-    weight = model.language_model.get_output_embeddings().weight
-    weight.data[token_id] = 1.01 * weight.data[instead_of]
 
 
 @pytest.mark.parametrize(

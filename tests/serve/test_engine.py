@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import force_token
 from PIL import Image
 
 from llavamed_fast.data.templates import Message
@@ -23,12 +24,6 @@ from llavamed_fast.serve.engine import (
 )
 
 NEW = 12
-
-
-def force_token(model, token_id: int, instead_of: int) -> None:
-    """Make the model emit ``token_id`` wherever it would emit ``instead_of`` (its output row, x1.01)."""
-    weight = model.language_model.get_output_embeddings().weight
-    weight.data[token_id] = 1.01 * weight.data[instead_of]
 
 
 def conversations(vqa_rad_images, count=6):
