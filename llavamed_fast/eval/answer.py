@@ -23,19 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from llavamed_fast.data.durable import read_log
 from llavamed_fast.data.images import ImageError, load_image
-from llavamed_fast.data.packing import Sample, collate
 from llavamed_fast.data.synthetic import noise_like
-from llavamed_fast.data.templates import IGNORE_INDEX, Message
+from llavamed_fast.data.templates import Message
 from llavamed_fast.eval.datasets import VQARecord
 from llavamed_fast.eval.prompts import PROMPT_STYLES
 from llavamed_fast.model import attention
-from llavamed_fast.model.generate import GenerationResult
+from llavamed_fast.model.generate import GenerationResult, left_padded_prompts
 from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import LlavaMedProcessor
 
@@ -53,34 +51,15 @@ def generate_batch(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not conversations:
         return []
-    device = next(model.parameters()).device
     tokenizer = processor.tokenizer
     was_training = model.training
     model.eval()
     try:
-        # The vision tower runs once for every image of the batch.
-        pictures = [image for _, images in conversations for image in images]
-        features = (
-            model.image_features(processor.preprocess_images(pictures).to(device)) if pictures else None
-        )
-        samples, used = [], 0
-        for number, (messages, images) in enumerate(conversations):
+        prompts = []
+        for messages, images in conversations:
             encoded = processor.encode(messages, num_images=len(images), add_generation_prompt=True)
-            own = features[used : used + len(images)] if images else None
-            used += len(images)
-            ids = np.asarray(encoded.input_ids, dtype=np.int64)
-            samples.append(
-                Sample(str(number), ids, np.full_like(ids, IGNORE_INDEX), encoded.image_starts, None, own)
-            )
-        batch = collate(samples).to(device)
-        embeds = model.embed(batch)  # [T, D], every prompt's tokens with its image rows filled in
-        lengths = [len(s) for s in samples]
-        width = max(lengths)
-        padded = embeds.new_zeros(len(samples), width, embeds.shape[-1])
-        mask = torch.zeros(len(samples), width, dtype=torch.long, device=device)
-        for row, (start, length) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths, strict=True)):
-            padded[row, width - length :] = embeds[start : start + length]  # left padding
-            mask[row, width - length :] = 1
+            prompts.append((encoded.input_ids, encoded.image_starts, images))
+        padded, mask, _ = left_padded_prompts(model, processor, prompts)
         stop = processor.template.stop
         eos = tokenizer.eos_token_id
         lm = model.language_model

@@ -22,6 +22,38 @@ from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import LlavaMedProcessor
 
 
+@torch.no_grad()
+def left_padded_prompts(
+    model: LlavaMed,
+    processor: LlavaMedProcessor,
+    prompts: Sequence[tuple[np.ndarray, np.ndarray, Sequence[Image.Image]]],
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Input embeddings of several encoded prompts for cached decoding: ``(embeds [B, W, D], mask [B, W],
+    lengths)``, each prompt left-padded to the longest (``mask`` 1 on real tokens).
+
+    ``prompts`` holds ``(input_ids, image_starts, images)`` per prompt. The vision tower runs once for all
+    images; the prompts are embedded as one packed row (image features in their rows), then laid out.
+    """
+    device = next(model.parameters()).device
+    pictures = [image for _, _, images in prompts for image in images]
+    features = model.image_features(processor.preprocess_images(pictures).to(device)) if pictures else None
+    samples, used = [], 0
+    for number, (ids, image_starts, images) in enumerate(prompts):
+        own = features[used : used + len(images)] if images else None
+        used += len(images)
+        ids = np.asarray(ids, dtype=np.int64)
+        samples.append(Sample(str(number), ids, np.full_like(ids, IGNORE_INDEX), image_starts, None, own))
+    embeds = model.embed(collate(samples).to(device))  # [T, D]
+    lengths = [len(s) for s in samples]
+    width = max(lengths)
+    padded = embeds.new_zeros(len(samples), width, embeds.shape[-1])
+    mask = torch.zeros(len(samples), width, dtype=torch.long, device=device)
+    for row, (start, length) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths, strict=True)):
+        padded[row, width - length :] = embeds[start : start + length]
+        mask[row, width - length :] = 1
+    return padded, mask, lengths
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str

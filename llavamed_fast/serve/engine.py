@@ -35,9 +35,9 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llavamed_fast.data.packing import Sample, collate
-from llavamed_fast.data.templates import IGNORE_INDEX, Message
+from llavamed_fast.data.templates import Message
 from llavamed_fast.model import attention
+from llavamed_fast.model.generate import left_padded_prompts
 from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import LlavaMedProcessor
 
@@ -268,26 +268,9 @@ class Engine:
         if not new:
             return
         self._admitting = new
-        pictures = [image for r in new for image in r.images]
-        features = None
-        if pictures:
-            pixels = self.processor.preprocess_images(pictures).to(self.device)
-            features = self.model.image_features(pixels)
-        samples, used = [], 0
-        for r in new:
-            own = features[used : used + len(r.images)] if r.images else None
-            used += len(r.images)
-            ids = r.prompt_ids
-            samples.append(Sample(str(r.id), ids, np.full_like(ids, IGNORE_INDEX), r.image_starts, None, own))
-        embeds = self.model.embed(collate(samples).to(self.device))
-        lengths = [len(s) for s in samples]
-        width = max(lengths)
-        padded = embeds.new_zeros(len(new), width, embeds.shape[-1])
-        mask = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
-        offsets = np.cumsum([0, *lengths[:-1]])
-        for row, (start, length) in enumerate(zip(offsets, lengths, strict=True)):
-            padded[row, width - length :] = embeds[start : start + length]
-            mask[row, width - length :] = 1
+        padded, mask, lengths = left_padded_prompts(
+            self.model, self.processor, [(r.prompt_ids, r.image_starts, r.images) for r in new]
+        )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.lm.config)
         out = self.lm(
