@@ -45,19 +45,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, device: str | None, dtype: str | None):
-    import torch
-
-    from llavamed_fast.model import load_pretrained
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_pretrained(path, dtype=getattr(torch, dtype) if dtype else None)
-    return model.to(device).eval(), processor
-
-
 def _answer(args: argparse.Namespace) -> int:
     from llavamed_fast.eval.answer import AnswerConfig, answer_questions, vqa_questions
     from llavamed_fast.eval.datasets import read_records
+    from llavamed_fast.model.checkpoint import load_for_inference
 
     try:
         records = read_records(args.questions)
@@ -73,7 +64,7 @@ def _answer(args: argparse.Namespace) -> int:
         noise_images=args.noise_images,
         model_id=args.model_id or Path(args.model).name,
     )
-    model, processor = _load_model(args.model, args.device, args.dtype)
+    model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
     summary = answer_questions(
         model,
         processor,
@@ -133,8 +124,9 @@ def _chat(args: argparse.Namespace) -> int:
             chat.check_images(questions, args.image_folder)
             answers_file = out / "answers.jsonl"
             from llavamed_fast.eval.answer import AnswerConfig, answer_questions
+            from llavamed_fast.model.checkpoint import load_for_inference
 
-            model, processor = _load_model(args.model, args.device, args.dtype)
+            model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
             config = AnswerConfig(
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,

@@ -273,3 +273,19 @@ def _load_weights(model: LlavaMed, state: dict[str, torch.Tensor], directory: Pa
     model.load_state_dict(ours, strict=not tied, assign=True)
     if tied:
         model.language_model.tie_weights()
+
+
+def load_for_inference(
+    directory: str | os.PathLike,
+    *,
+    template: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[LlavaMed, LlavaMedProcessor]:
+    """:func:`load_pretrained` in eval mode on ``device`` (default: CUDA when there is one, else the CPU),
+    ``dtype`` by name ("bfloat16", ...; default: as stored). For the answering, chat and serving commands."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_pretrained(
+        directory, template=template, dtype=getattr(torch, dtype) if dtype else None
+    )
+    return model.to(device).eval(), processor

@@ -34,15 +34,10 @@ def load_engine(
 ) -> Engine:
     """The engine for a checkpoint directory; its chat template comes from the checkpoint (``template``
     only for plain transformers checkpoints, which do not name one)."""
-    import torch
+    from llavamed_fast.model.checkpoint import load_for_inference
 
-    from llavamed_fast.model import load_pretrained
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_, processor = load_pretrained(
-        model, template=template, dtype=getattr(torch, dtype) if dtype else None
-    )
-    return Engine(model_.to(device), processor, max_batch=max_batch)
+    model_, processor = load_for_inference(model, template=template, device=device, dtype=dtype)
+    return Engine(model_, processor, max_batch=max_batch)
 
 
 @dataclass
