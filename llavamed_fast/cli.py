@@ -97,22 +97,9 @@ def _curate_align(args: argparse.Namespace) -> int:
 
 def _curate_instruct(args: argparse.Namespace) -> int:
     from llavamed_fast.data.curation import curate_instruct
-    from llavamed_fast.data.teacher import TeacherConfig, TeacherError
+    from llavamed_fast.data.teacher import TeacherError, config_from_args
 
-    config = TeacherConfig(
-        model=args.model,
-        base_url=args.base_url,
-        api_key_env=args.api_key_env,
-        azure_api_version=args.azure_api_version,
-        concurrency=args.concurrency,
-        requests_per_minute=args.rpm,
-        tokens_per_minute=args.tpm,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        price_per_million=tuple(args.price) if args.price else None,
-    )
+    config = config_from_args(args, model=args.model)
     try:
         summary = curate_instruct(
             args.input,

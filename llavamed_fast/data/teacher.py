@@ -84,6 +84,31 @@ class TeacherConfig:
         return self.price_per_million or PRICES.get(self.model)
 
 
+def config_from_args(args: Any, *, model: str) -> TeacherConfig:
+    """A :class:`TeacherConfig` from the command-line options the curation and evaluation commands share
+    (``--base-url``, ``--api-key-env``, ``--concurrency``, ``--rpm``, ...); options a command lacks keep
+    their defaults."""
+
+    def option(name: str) -> Any:
+        return getattr(args, name, None)
+
+    price = option("price")
+    return TeacherConfig(
+        model=model,
+        base_url=option("base_url"),
+        api_key_env=args.api_key_env,
+        azure_api_version=option("azure_api_version"),
+        concurrency=args.concurrency,
+        requests_per_minute=option("rpm"),
+        tokens_per_minute=option("tpm"),
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        price_per_million=tuple(price) if price else None,
+    )
+
+
 class TeacherError(RuntimeError):
     """A request that failed for good (not retryable, or out of retries); names the job, never the key."""
 

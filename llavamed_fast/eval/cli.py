@@ -104,7 +104,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llavamed_fast.data.teacher import TeacherConfig, TeacherError
+    from llavamed_fast.data.teacher import TeacherError, config_from_args
     from llavamed_fast.eval import chat, report
 
     out = Path(args.out)
@@ -141,18 +141,7 @@ def _chat(args: argparse.Namespace) -> int:
     except (DatasetError, chat.ChatEvalError) as error:
         print(f"eval chat: {error}", file=sys.stderr)
         return 2
-    config = TeacherConfig(
-        model=args.judge_model,
-        base_url=args.base_url,
-        api_key_env=args.api_key_env,
-        azure_api_version=args.azure_api_version,
-        concurrency=args.concurrency,
-        requests_per_minute=args.rpm,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-    )
+    config = config_from_args(args, model=args.judge_model)
     try:
         result = chat.judge(
             questions, answers, config, out, ledger_path=args.ledger, answers_file=str(answers_file)

@@ -100,6 +100,20 @@ def _record(row: dict, where: str, *, image: str, kind: Any) -> VQARecord | None
     )
 
 
+def _json_records(path: Path, rows: list[tuple[int, dict]], images: Path, image_key: str) -> list[VQARecord]:
+    """Canonical records of ``(record number, row)`` pairs of a JSON file; rows left out return None."""
+    records = (
+        _record(
+            row,
+            f"{path}: record {number}",
+            image=str((images / str(row.get(image_key, ""))).resolve()),
+            kind=row.get("answer_type"),
+        )
+        for number, row in rows
+    )
+    return [r for r in records if r is not None]
+
+
 def vqa_rad(root: str | os.PathLike[str], split: str = "test", *, source: str = "public") -> list[VQARecord]:
     """VQA-RAD ``train`` or ``test`` from ``root`` (the public JSON, ``trainset/testset.json``, ``images/``)."""
     root = Path(root)
@@ -114,19 +128,7 @@ def vqa_rad(root: str | os.PathLike[str], split: str = "test", *, source: str = 
         rows = list(enumerate(_read_json(path)))
     else:
         raise DatasetError(f"VQA-RAD source must be 'public' or 'data_rad', not {source!r}")
-    records = []
-    for number, row in rows:
-        where = f"{path}: record {number}"
-        image = str((root / "images" / str(row.get("image_name", ""))).resolve())
-        records.append(
-            _record(
-                row,
-                where,
-                image=image,
-                kind=row.get("answer_type"),
-            )
-        )
-    return [r for r in records if r is not None]
+    return _json_records(path, rows, root / "images", "image_name")
 
 
 def slake(root: str | os.PathLike[str], split: str = "test") -> list[VQARecord]:
@@ -135,21 +137,8 @@ def slake(root: str | os.PathLike[str], split: str = "test") -> list[VQARecord]:
     if split not in ("train", "validate", "test"):
         raise DatasetError(f"SLAKE has splits train, validate and test, not {split!r}")
     path = root / f"{split}.json"
-    records = []
-    for number, row in enumerate(_read_json(path)):
-        if row.get("q_lang") != "en":
-            continue
-        image = str((root / "imgs" / str(row.get("img_name", ""))).resolve())
-        where = f"{path}: record {number}"
-        records.append(
-            _record(
-                row,
-                where,
-                image=image,
-                kind=row.get("answer_type"),
-            )
-        )
-    return [r for r in records if r is not None]
+    rows = [(n, r) for n, r in enumerate(_read_json(path)) if r.get("q_lang") == "en"]
+    return _json_records(path, rows, root / "imgs", "img_name")
 
 
 def _yes_no_type(answer: Any) -> str:

@@ -333,11 +333,15 @@ def _completion(ident: str, model: str, event: Finished) -> dict[str, Any]:
                 "finish_reason": event.reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens,
-        },
+        "usage": _usage(event),
+    }
+
+
+def _usage(event: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
     }
 
 
@@ -364,12 +368,7 @@ async def _stream(ident, model, events: asyncio.Queue, cancel, request: Request,
             elif isinstance(event, Finished):
                 yield _chunk(ident, model, {}, event.reason)
                 if include_usage:
-                    usage = {
-                        "prompt_tokens": event.prompt_tokens,
-                        "completion_tokens": event.completion_tokens,
-                        "total_tokens": event.prompt_tokens + event.completion_tokens,
-                    }
-                    yield _chunk(ident, model, {}, None, usage)
+                    yield _chunk(ident, model, {}, None, _usage(event))
                 yield "data: [DONE]\n\n"
                 return
             else:
