@@ -359,27 +359,19 @@ def main() -> None:
             base = {"variant": variant, "stage": stage}
             ours = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
             opt = optimizer_for(trainable(model, stage), device)
-            fast = measure(
-                "ours",
-                run_ours(model, ours, opt, reference_ops=False, recompute=args.recompute),
-                ours,
-                _our_tokens,
-                _our_flops,
-                args.warmup,
-                args.steps,
-                device,
-                peak,
-            )
-            slow = measure(
-                "ours (reference ops)",
-                run_ours(model, ours, opt, reference_ops=True, recompute=args.recompute),
-                ours,
-                _our_tokens,
-                _our_flops,
-                args.warmup,
-                args.steps,
-                device,
-                peak,
+            fast, slow = (
+                measure(
+                    name,
+                    run_ours(model, ours, opt, reference_ops=reference, recompute=args.recompute),
+                    ours,
+                    _our_tokens,
+                    _our_flops,
+                    args.warmup,
+                    args.steps,
+                    device,
+                    peak,
+                )
+                for name, reference in (("ours", False), ("ours (reference ops)", True))
             )
             rows += [{**base, **fast}, {**base, **slow}]
             del opt
