@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -424,10 +423,3 @@ class Engine:
 def _pad_seq(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """Left-pad ``[B, H, L, D]`` along L to ``width`` with zeros (masked out by the attention mask)."""
     return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))
-
-
-def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
-    """Block until the engine has nothing queued or running (tests, shutdown)."""
-    deadline = time.monotonic() + timeout
-    while engine.busy and time.monotonic() < deadline:
-        time.sleep(0.01)
