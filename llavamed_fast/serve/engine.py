@@ -282,13 +282,7 @@ class Engine:
         )
         self.steps += 1
         logits = out.logits[:, -1]
-        first = torch.tensor(
-            [
-                sample_token(logits[i], r.params.temperature, r.params.top_p, r.generator)
-                for i, r in enumerate(new)
-            ],
-            device=self.device,
-        )
+        first = self._next_tokens(logits, new)
         self._join(new, cache, mask, torch.tensor(lengths, device=self.device), first)
         self._after_tokens(list(range(len(self._active) - len(new), len(self._active))))
 
@@ -336,14 +330,20 @@ class Engine:
         self.steps += 1
         self._positions = self._positions + 1
         logits = out.logits[:, -1]
-        self._last = torch.tensor(
-            [
-                sample_token(logits[i], r.params.temperature, r.params.top_p, r.generator)
-                for i, r in enumerate(self._active)
-            ],
-            device=self.device,
-        )
+        self._last = self._next_tokens(logits, self._active)
         self._after_tokens(list(range(len(self._active))))
+
+    def _next_tokens(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+        """``[B]`` next tokens from ``logits [B, V]``: one argmax for the whole batch (one host sync), and
+        a draw for each request that samples."""
+        tokens = logits.argmax(-1)
+        sampling = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+        if sampling:
+            tokens = tokens.cpu()
+            for i in sampling:
+                r = requests[i]
+                tokens[i] = sample_token(logits[i], r.params.temperature, r.params.top_p, r.generator)
+        return tokens.to(self.device)
 
     def _after_tokens(self, rows: list[int]) -> None:
         """Record each row's new token, stream what is settled, and retire finished rows."""
