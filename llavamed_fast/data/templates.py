@@ -175,6 +175,15 @@ def render(
             raise ConversationError(
                 f"turn {index} has role {message.role!r}, expected {expected!r} (turns alternate)"
             )
+    for index, message in enumerate(messages):
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone UTF-16 surrogate (JSON can escape one, and stdin decodes bad bytes into them): no
+            # tokenizer takes it, so it is refused here, for every caller, with the message's place.
+            raise ConversationError(
+                f"message {index} holds a lone surrogate (not valid Unicode text)"
+            ) from None
     if add_generation_prompt and turns[-1].role != "user":
         raise ConversationError(
             "a generation prompt follows a user turn, but the conversation ends on the assistant"

@@ -260,7 +260,8 @@ def _params(body: ChatRequest, limits: ServerLimits) -> SamplingParams:
 
 
 def _check_unicode(text: str, where: str) -> None:
-    # JSON may escape a lone UTF-16 surrogate ("\ud800"): a str no tokenizer (or UTF-8) can take.
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"): a str no tokenizer (or UTF-8) can take. Message
+    # text is checked by the conversation template for every caller; stop strings never pass through it.
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -288,7 +289,6 @@ def _convert(body: ChatRequest, limits: ServerLimits, policy: ImagePolicy) -> tu
         for number, part in enumerate(parts):
             where = f"messages.{index}.content.{number}"
             if isinstance(part, TextPart):
-                _check_unicode(part.text, where)
                 if IMAGE_TOKEN in part.text:
                     raise APIError(
                         400,

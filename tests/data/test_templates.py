@@ -167,6 +167,7 @@ def test_image_placement_is_kept():
         ([], "at least one user turn"),
         ([Message("assistant", "Hi")], "expected 'user'"),
         ([Message("user", "a"), Message("user", "b")], "expected 'assistant'"),
+        ([Message("system", "s"), Message("user", "bad \ud800 text")], "message 1 holds a lone surrogate"),
     ],
 )
 def test_bad_conversations_are_errors(messages, match):
