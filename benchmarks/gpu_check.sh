@@ -64,11 +64,18 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   done
   # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava.
   run 300 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4
-  # Serving needs fastapi and uvicorn, which a bare GPU image may lack (no network to install them).
-  if $python -c "import fastapi, uvicorn" 2>/dev/null; then
+  # Serving needs fastapi, uvicorn and httpx, which a bare GPU image may lack, and it has no network: a
+  # wheelhouse in .whl/ (ignored by git; send it along with the checkout) supplies them. Fill it with
+  #   pip download -d .whl --only-binary=:all: --python-version 3.10 --implementation cp \
+  #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 fastapi uvicorn httpx exceptiongroup
+  # (the Python version of the GPU image).
+  if ! $python -c "import fastapi, uvicorn, httpx" 2>/dev/null && [ -d .whl ]; then
+    run 60 "serving packages from .whl" $python -m pip install -q --no-index --find-links .whl fastapi uvicorn httpx
+  fi
+  if $python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
     run 120 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 32
   else
-    say "bench_serve skipped: fastapi/uvicorn are not installed here"
+    say "bench_serve skipped: fastapi/uvicorn/httpx are not installed here (no .whl/ wheelhouse either)"
   fi
 fi
 
