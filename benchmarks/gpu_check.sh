@@ -69,10 +69,11 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   #   pip download -d .whl --only-binary=:all: --python-version 3.10 --implementation cp \
   #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 fastapi uvicorn httpx exceptiongroup
   # (the Python version of the GPU image).
-  if ! $python -c "import fastapi, uvicorn, httpx" 2>/dev/null && [ -d .whl ]; then
+  serving_ready() { $python -c "import fastapi, uvicorn, httpx" 2>/dev/null; }
+  if ! serving_ready && [ -d .whl ]; then
     run 60 "serving packages from .whl" $python -m pip install -q --no-index --find-links .whl fastapi uvicorn httpx
   fi
-  if $python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+  if serving_ready; then
     run 120 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 32
   else
     say "bench_serve skipped: fastapi/uvicorn/httpx are not installed here (no .whl/ wheelhouse either)"
