@@ -31,7 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,6 +295,24 @@ def time_steps(one, steps, warmup: int, timed: int, device) -> float:
     return float(np.median(times))
 
 
+def attempt(name: str, measure_it, failures: list[str]) -> dict | None:
+    """One configuration's measurement; a failure (an out-of-memory, say) is printed and counted, and the
+    other configurations still run, so one run on a GPU machine brings back everything that worked."""
+    began = time.perf_counter()
+    try:
+        out = measure_it()
+    except Exception:  # reported below and in the exit status
+        traceback.print_exc()
+        failures.append(name)
+        print(f"FAILED: {name}", file=sys.stderr, flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+    # Each row as soon as it exists (a run cut short still leaves its rows in the log).
+    print("row " + json.dumps({**out, "wall_s": round(time.perf_counter() - began, 1)}), flush=True)
+    return out
+
+
 def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -349,7 +370,7 @@ def main() -> None:
     peak = peak_tflops(device, dtype)
     variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
-    rows, headline = [], {"layers": args.layers}
+    rows, headline, failures = [], {"layers": args.layers}, []
     for variant in variants:
         model, processor = build_model(variant, args.layers, device, dtype, args.smoke)
         hf = None if args.no_baseline else baseline_model(model, device, dtype)
@@ -357,28 +378,35 @@ def main() -> None:
             items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
             real = sum(len(it.ids) for it in items)
             base = {"variant": variant, "stage": stage}
+            key = f"{variant}_stage{stage}"
             ours = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
             opt = optimizer_for(trainable(model, stage), device)
             fast, slow = (
-                measure(
-                    name,
-                    run_ours(model, ours, opt, reference_ops=reference, recompute=args.recompute),
-                    ours,
-                    _our_tokens,
-                    _our_flops,
-                    args.warmup,
-                    args.steps,
-                    device,
-                    peak,
+                attempt(
+                    f"{key} {name}",
+                    functools.partial(
+                        measure,
+                        name,
+                        run_ours(model, ours, opt, reference_ops=reference, recompute=args.recompute),
+                        ours,
+                        _our_tokens,
+                        _our_flops,
+                        args.warmup,
+                        args.steps,
+                        device,
+                        peak,
+                    ),
+                    failures,
                 )
                 for name, reference in (("ours", False), ("ours (reference ops)", True))
             )
-            rows += [{**base, **fast}, {**base, **slow}]
+            rows += [{**base, **r} for r in (fast, slow) if r is not None]
             del opt
-            key = f"{variant}_stage{stage}"
-            headline[f"{key}_tokens_per_s"] = round(fast["tokens_per_s"], 1)
-            headline[f"{key}_mfu"] = None if fast["mfu"] is None else round(fast["mfu"], 4)
-            headline[f"{key}_kernels_speedup"] = round(fast["tokens_per_s"] / slow["tokens_per_s"], 3)
+            if fast is not None:
+                headline[f"{key}_tokens_per_s"] = round(fast["tokens_per_s"], 1)
+                headline[f"{key}_mfu"] = None if fast["mfu"] is None else round(fast["mfu"], 4)
+                if slow is not None:
+                    headline[f"{key}_kernels_speedup"] = round(fast["tokens_per_s"] / slow["tokens_per_s"], 3)
             if hf is not None:
                 # The same samples, the same model FLOPs (padding earns none): FLOPs per sample carried over.
                 flops_per_token = sum(f for s in ours for _, f, _ in s) / real
@@ -391,29 +419,39 @@ def main() -> None:
                 for p in keep:
                     p.requires_grad_(True)
                 opt = optimizer_for(keep, device)
-                baseline = measure(
-                    "baseline (HF, padded, SDPA, checkpointing)",
-                    run_baseline(hf, opt),
-                    steps,
-                    _baseline_tokens,
-                    functools.partial(_baseline_flops, per_token=flops_per_token),
-                    args.warmup,
-                    args.steps,
-                    device,
-                    peak,
+                name = "baseline (HF, padded, SDPA, checkpointing)"
+                baseline = attempt(
+                    f"{key} baseline",
+                    functools.partial(
+                        measure,
+                        name,
+                        run_baseline(hf, opt),
+                        steps,
+                        _baseline_tokens,
+                        functools.partial(_baseline_flops, per_token=flops_per_token),
+                        args.warmup,
+                        args.steps,
+                        device,
+                        peak,
+                    ),
+                    failures,
                 )
-                rows.append({**base, **baseline})
-                del opt
-                headline[f"{key}_speedup_vs_baseline"] = round(
-                    fast["tokens_per_s"] / baseline["tokens_per_s"], 3
-                )
-            if not args.smoke and fast["mfu"]:
+                del opt, steps
+                if baseline is not None:
+                    rows.append({**base, **baseline})
+                    headline[f"{key}_baseline_tokens_per_s"] = round(baseline["tokens_per_s"], 1)
+                    if fast is not None:
+                        headline[f"{key}_speedup_vs_baseline"] = round(
+                            fast["tokens_per_s"] / baseline["tokens_per_s"], 3
+                        )
+            if not args.smoke and fast is not None and fast["mfu"]:
                 # Projection: the full model's FLOPs over the curriculum at the measured MFU of ours.
                 per_sample = full_model_flops_per_sample(variant, stage, 512, seed=stage)
                 total = per_sample * CURRICULUM[stage]
                 for name, gpus, peak_gpu in (("8xA100", 8, 312.0), ("1xH100", 1, 989.4)):
                     hours = total / (fast["mfu"] * peak_gpu * 1e12 * gpus) / 3600
                     headline[f"{key}_projected_hours_{name}"] = round(hours, 2)
+            del ours
         del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -422,7 +460,11 @@ def main() -> None:
         if all(p is not None for p in parts):
             headline[f"v0_curriculum_projected_hours_{name}"] = round(sum(parts), 2)
     headline["paper_hours_8xA100"] = PAPER_HOURS_8XA100
+    if failures:
+        headline["failed"] = failures
     report("train_step", device, rows, headline, save=not args.smoke)
+    if failures:
+        raise SystemExit(f"{len(failures)} configuration(s) failed: {', '.join(failures)}")
 
 
 if __name__ == "__main__":

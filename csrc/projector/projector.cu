@@ -84,24 +84,38 @@ __global__ void gelu_forward_kernel(const T* __restrict__ h, T* __restrict__ a, 
   }
 }
 
+// A 2-D grid: x walks groups of kVec columns, y chunks of rows. Each thread runs down its kVec columns
+// through the chunk's rows, so it can sum them in registers: the bias gradient comes for free while dh
+// is written, one partial row per chunk.
 template <typename T, int kVec>
-__global__ void gelu_backward_kernel(const float* __restrict__ da, const T* __restrict__ h,
-                                     T* __restrict__ dh, int64_t n) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * kVec;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; i < n; i += step) {
-    if (i + kVec <= n) {
-      const Pack<float, kVec> grad = *reinterpret_cast<const Pack<float, kVec>*>(da + i);
-      const Pack<T, kVec> in = *reinterpret_cast<const Pack<T, kVec>*>(h + i);
-      Pack<T, kVec> out;
+__global__ void gelu_backward_kernel(const T* __restrict__ da, const T* __restrict__ h, T* __restrict__ dh,
+                                     int64_t rows, int64_t cols, int64_t rows_per_chunk,
+                                     float* __restrict__ partial) {
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = group * kVec;
+  if (c >= cols) {
+    return;
+  }
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t last = std::min<int64_t>(rows, first + rows_per_chunk);
+  float sums[kVec] = {};
+#pragma unroll 4
+  for (int64_t r = first; r < last; ++r) {
+    const int64_t i = r * cols + c;
+    const Pack<T, kVec> grad = *reinterpret_cast<const Pack<T, kVec>*>(da + i);
+    const Pack<T, kVec> in = *reinterpret_cast<const Pack<T, kVec>*>(h + i);
+    Pack<T, kVec> out;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        out.v[j] = from_float<T>(grad.v[j] * gelu_grad(to_float(in.v[j])));
-      }
-      *reinterpret_cast<Pack<T, kVec>*>(dh + i) = out;
-    } else {
-      for (int64_t j = i; j < n; ++j) {
-        dh[j] = from_float<T>(da[j] * gelu_grad(to_float(h[j])));
-      }
+    for (int j = 0; j < kVec; ++j) {
+      out.v[j] = from_float<T>(to_float(grad.v[j]) * gelu_grad(to_float(in.v[j])));
+      sums[j] += to_float(out.v[j]);
+    }
+    *reinterpret_cast<Pack<T, kVec>*>(dh + i) = out;
+  }
+  if (partial != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      partial[blockIdx.y * cols + c + j] = sums[j];
     }
   }
 }
@@ -202,21 +216,35 @@ cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStr
   });
 }
 
-cudaError_t gelu_backward(DType dtype, const float* da, const void* h, void* dh, int64_t n,
-                          cudaStream_t stream) {
-  if (n == 0) {
+// About 1024 blocks in all for the widths of LLaVA projectors (8 K-wide rows: two 256-thread blocks
+// across), each down 16 rows: enough blocks to fill an H100 several times over, few enough that the
+// partial sums stay small (a few MB).
+int64_t gelu_backward_chunks(int64_t rows, int64_t cols) {
+  (void)cols;
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 512));
+}
+
+cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, int64_t rows, int64_t cols,
+                          float* partial, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) {
     return cudaSuccess;
   }
+  const int64_t chunks = gelu_backward_chunks(rows, cols);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
+    const T* grad = static_cast<const T*>(da);
     const T* in = static_cast<const T*>(h);
     T* out = static_cast<T*>(dh);
-    if (aligned(in, 16) && aligned(out, 16) && aligned(da, kVec * sizeof(float))) {
-      gelu_backward_kernel<T, kVec>
-          <<<blocks_for((n + kVec - 1) / kVec), kThreads, 0, stream>>>(da, in, out, n);
+    // The vector path needs every row to start on a 16-byte boundary.
+    const bool vector = cols % kVec == 0 && aligned(grad, 16) && aligned(in, 16) && aligned(out, 16);
+    const int64_t groups = vector ? cols / kVec : cols;
+    const dim3 grid(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+    if (vector) {
+      gelu_backward_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(grad, in, out, rows, cols, rows_per_chunk, partial);
     } else {
-      gelu_backward_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(da, in, out, n);
+      gelu_backward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(grad, in, out, rows, cols, rows_per_chunk, partial);
     }
     return cudaGetLastError();
   });

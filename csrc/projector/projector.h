@@ -14,10 +14,14 @@ enum class DType : int { kFloat32, kFloat16, kBFloat16 };
 // a = gelu(h), the exact (erf) GELU, element-wise over n elements, computed in float32.
 cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStream_t stream);
 
-// dh = da * gelu'(h) with gelu'(h) = Phi(h) + h * phi(h); da is float32 (the GEMM that makes it writes
-// float32, so the product is rounded once).
-cudaError_t gelu_backward(DType dtype, const float* da, const void* h, void* dh, int64_t n,
-                          cudaStream_t stream);
+// dh = da * gelu'(h) with gelu'(h) = Phi(h) + h * phi(h), for row-major [rows, cols] da, h and dh of one
+// dtype (da in the inputs' dtype, as torch's own backward has it). When partial is not null, it also
+// writes the bias gradient's column sums of dh (float32, of the rounded values written) in
+// gelu_backward_chunks(rows) partial sums, partial [chunks, cols]: summing them over the chunks gives the
+// bias gradient without reading dh again, in a fixed order (deterministic, unlike atomics).
+int64_t gelu_backward_chunks(int64_t rows, int64_t cols);
+cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, int64_t rows, int64_t cols,
+                          float* partial, cudaStream_t stream);
 
 // map[offsets[i] + t] = i * tokens + t for every image i and token t < tokens: the row of the image-major
 // [images * tokens, width] matrix that a packed row holds. The caller fills map [total_rows] with -1 first

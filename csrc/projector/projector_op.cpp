@@ -26,12 +26,16 @@
 //   cores over HBM3): memory-bound, N times over. The gather costs one read and one write of N * P * D
 //   elements (57 MB each for 12 images at D = 4096 in bf16, ~40 us on an H100), and buys K = N * P for
 //   dW2 and dW1, one large GEMM for da, and one rounding of dW2 instead of N.
-// - Bias gradients are torch's column sums (float32 accumulation): measured on an H100, cuBLASLt's BGRADB
-//   epilogue ran as a separate kernel of 40 us per bias, slower than a plain reduction over the same rows.
+// - db2 (and the linear projector's db) are torch's column sums (float32 accumulation): measured on an
+//   H100, cuBLASLt's BGRADB epilogue ran as a separate kernel of 40 us per bias, slower than a plain
+//   reduction over the same rows.
 // - The forward keeps the GELU's output as well as its input for the backward (dW2 = dy^T gelu(h)):
 //   recomputing it there cost a read and a write of N * P * D1 elements.
 // - Precision: float32 accumulation everywhere (CUBLAS_COMPUTE_32F, no TF32 for float32 inputs, as torch's
-//   default); da = dy W2 is written in float32 so that dh = da * gelu'(h) is rounded once.
+//   default). da = dy W2 is written in the inputs' dtype, as torch's backward writes it: a float32 da
+//   (dh rounded once) doubled the bytes written by that GEMM and read by the GELU backward.
+// - db1 is summed inside the GELU backward pass (partial sums per chunk of rows, then one small sum):
+//   a separate column sum would read dh again.
 #ifdef LLAVAMED_FAST_WITH_CUDA
 
 #include <ATen/core/Tensor.h>
@@ -524,14 +528,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (want_x || want_w1 || want_b1) {
         const at::Tensor w2c = w2->contiguous();
         // Row-major da [rows, D1] = dy [rows, D] W2 [D, D1], i.e. column-major da^T (D1 x rows) = W2^T
-        // (w2 as stored, D1 x D) * dy^T (dy as stored, D x rows); float32 out, so dh is rounded once.
-        at::Tensor da = at::empty({rows, s.hidden}, x.options().dtype(at::kFloat));
-        gemm(blas, dtype, /*float_output=*/true, /*trans_a=*/false, /*trans_b=*/false, s.hidden, rows,
+        // (w2 as stored, D1 x D) * dy^T (dy as stored, D x rows); in the inputs' dtype, as torch has it.
+        at::Tensor da = at::empty({rows, s.hidden}, x.options());
+        gemm(blas, dtype, /*float_output=*/false, /*trans_a=*/false, /*trans_b=*/false, s.hidden, rows,
              s.width, s.hidden, s.width, s.hidden, Epilogue::kNone, nullptr,
              {{w2c.const_data_ptr(), dy_images.const_data_ptr(), da.mutable_data_ptr()}});
         dh = at::empty({rows, s.hidden}, x.options());
-        C10_CUDA_CHECK(gelu_backward(dtype, da.const_data_ptr<float>(), h.const_data_ptr(),
-                                     dh.mutable_data_ptr(), dh.numel(), blas.stream));
+        // db1's column sums come out of the same pass, as partial sums over chunks of rows.
+        at::Tensor partial;
+        if (want_b1) {
+          partial = at::empty({gelu_backward_chunks(rows, s.hidden), s.hidden}, x.options().dtype(at::kFloat));
+        }
+        C10_CUDA_CHECK(gelu_backward(dtype, da.const_data_ptr(), h.const_data_ptr(), dh.mutable_data_ptr(), rows,
+                                     s.hidden, want_b1 ? partial.mutable_data_ptr<float>() : nullptr,
+                                     blas.stream));
+        if (want_b1) {
+          grads[2] = at::sum(partial, {0}).to(x.scalar_type());
+        }
       }
     } else {
       dh = dy_images;
@@ -541,8 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grads[1] = at::empty({s.hidden, s.channels}, x.options());
       weight_grad(blas, dtype, dh, xc, grads[1]);
     }
-    if (want_b1) {
-      grads[2] = bias_grad(dh);
+    if (want_b1 && !grads[2].defined()) {
+      grads[2] = bias_grad(dh);  // the linear projector: no GELU pass to fold the sums into
     }
     if (want_x) {
       // Row-major dx [rows, C] = dh [rows, D1] W1 [D1, C], i.e. column-major dx^T (C x rows) = W1^T (w1 as
