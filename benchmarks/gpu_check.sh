@@ -70,9 +70,9 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4
   # Serving needs fastapi, uvicorn and httpx, which a bare GPU image may lack, and it has no network: a
   # wheelhouse in .whl/ (ignored by git; send it along with the checkout) supplies them. Fill it with
-  #   pip download -d .whl --only-binary=:all: --python-version 3.10 --implementation cp \
-  #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 fastapi uvicorn httpx exceptiongroup
-  # (the Python version of the GPU image).
+  #   pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp \
+  #     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 fastapi uvicorn httpx
+  # with the GPU image's Python version (the log's first lines print it; pydantic-core is compiled per version).
   serving_ready() { $python -c "import fastapi, uvicorn, httpx" 2>/dev/null; }
   if ! serving_ready && [ -d .whl ]; then
     run 60 "serving packages from .whl" $python -m pip install -q --no-index --find-links .whl fastapi uvicorn httpx

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "projector.h"
 
@@ -168,6 +169,74 @@ __global__ void split_rows_kernel(const U* __restrict__ src, int64_t total_rows,
   }
 }
 
+// split_rows for the backward with the image rows' column sums: the layout of gelu_backward_kernel (x
+// walks groups of kVec columns, y chunks of rows), so each thread sums its columns down the chunk in
+// registers. Every thread of a block reads the same map entry per row (one broadcast load).
+template <typename T, int kVec>
+__global__ void split_rows_sum_kernel(const T* __restrict__ src, int64_t total_rows, int64_t width,
+                                      int64_t rows_per_chunk, const int32_t* __restrict__ map,
+                                      T* __restrict__ text_out, T* __restrict__ gathered,
+                                      float* __restrict__ partial) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (c >= width) {
+    return;
+  }
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t last = std::min<int64_t>(total_rows, first + rows_per_chunk);
+  float sums[kVec] = {};
+  for (int64_t r = first; r < last; ++r) {
+    const int64_t slot = map[r];
+    const Pack<T, kVec> value = *reinterpret_cast<const Pack<T, kVec>*>(src + r * width + c);
+    if (slot < 0) {
+      if (text_out != nullptr) {
+        *reinterpret_cast<Pack<T, kVec>*>(text_out + r * width + c) = value;
+      }
+      continue;
+    }
+    *reinterpret_cast<Pack<T, kVec>*>(gathered + slot * width + c) = value;
+    if (text_out != nullptr) {
+      *reinterpret_cast<Pack<T, kVec>*>(text_out + r * width + c) = Pack<T, kVec>{};
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      sums[j] += to_float(value.v[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    partial[blockIdx.y * width + c + j] = sums[j];
+  }
+}
+
+// out[c] = sum over chunks of partial[k, c]: 32 columns per block (128-byte reads across a warp), its 8
+// warps taking every 8th chunk, then the 8 sums added in shared memory in a fixed order.
+constexpr int kSumColumns = 32;
+constexpr int kSumLanes = 8;
+
+template <typename T>
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int64_t chunks, int64_t cols,
+                                    T* __restrict__ out) {
+  __shared__ float lanes[kSumLanes][kSumColumns];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumColumns + threadIdx.x;
+  float sum = 0.0f;
+  if (c < cols) {
+#pragma unroll 8
+    for (int64_t k = threadIdx.y; k < chunks; k += kSumLanes) {
+      sum += partial[k * cols + c];
+    }
+  }
+  lanes[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kSumLanes; ++y) {
+      total += lanes[y][threadIdx.x];
+    }
+    out[c] = from_float<T>(total);
+  }
+}
+
 template <typename T>
 __global__ void add_bias_kernel(T* __restrict__ out, int64_t rows, int64_t cols, int64_t ld,
                                 const T* __restrict__ bias) {
@@ -216,20 +285,53 @@ cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStr
   });
 }
 
-// About 1024 blocks in all for the widths of LLaVA projectors (8 K-wide rows: two 256-thread blocks
-// across), each down 16 rows: enough blocks to fill an H100 several times over, few enough that the
-// partial sums stay small (a few MB).
-int64_t gelu_backward_chunks(int64_t rows, int64_t cols) {
-  (void)cols;
-  return std::max<int64_t>(1, std::min<int64_t>(rows, 512));
+// 512 chunks: at the projector's widths (4096 columns, two 256-thread blocks across in bf16) about 1024
+// blocks, enough to fill an H100 several times over, while the partial sums stay at 8 MB.
+int64_t column_sum_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, 512)); }
+
+cudaError_t sum_partials(DType dtype, const float* partial, int64_t chunks, int64_t cols, void* out,
+                         cudaStream_t stream) {
+  if (cols == 0) {
+    return cudaSuccess;
+  }
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 block(kSumColumns, kSumLanes);
+    const auto grid = static_cast<unsigned>((cols + kSumColumns - 1) / kSumColumns);
+    sum_partials_kernel<T><<<grid, block, 0, stream>>>(partial, chunks, cols, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
 }
+
+namespace {
+
+// Whether rows can move as 16-byte vectors of T: every row of every pointer on a 16-byte boundary.
+template <typename T>
+bool rows_vectorizable(int64_t cols, std::initializer_list<const void*> pointers) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (cols % kVec != 0) {
+    return false;
+  }
+  for (const void* pointer : pointers) {
+    if (pointer != nullptr && !aligned(pointer, 16)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+dim3 column_chunk_grid(int64_t groups, int64_t chunks) {
+  return dim3(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+}
+
+}  // namespace
 
 cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, int64_t rows, int64_t cols,
                           float* partial, cudaStream_t stream) {
   if (rows == 0 || cols == 0) {
     return cudaSuccess;
   }
-  const int64_t chunks = gelu_backward_chunks(rows, cols);
+  const int64_t chunks = column_sum_chunks(rows);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -237,14 +339,12 @@ cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, 
     const T* grad = static_cast<const T*>(da);
     const T* in = static_cast<const T*>(h);
     T* out = static_cast<T*>(dh);
-    // The vector path needs every row to start on a 16-byte boundary.
-    const bool vector = cols % kVec == 0 && aligned(grad, 16) && aligned(in, 16) && aligned(out, 16);
-    const int64_t groups = vector ? cols / kVec : cols;
-    const dim3 grid(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
-    if (vector) {
-      gelu_backward_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(grad, in, out, rows, cols, rows_per_chunk, partial);
+    if (rows_vectorizable<T>(cols, {grad, in, out})) {
+      gelu_backward_kernel<T, kVec><<<column_chunk_grid(cols / kVec, chunks), kThreads, 0, stream>>>(
+          grad, in, out, rows, cols, rows_per_chunk, partial);
     } else {
-      gelu_backward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(grad, in, out, rows, cols, rows_per_chunk, partial);
+      gelu_backward_kernel<T, 1><<<column_chunk_grid(cols, chunks), kThreads, 0, stream>>>(
+          grad, in, out, rows, cols, rows_per_chunk, partial);
     }
     return cudaGetLastError();
   });
@@ -301,6 +401,31 @@ cudaError_t split_rows(DType dtype, const void* src, int64_t total_rows, int64_t
     default:
       return launch(uint16_t{});
   }
+}
+
+cudaError_t split_rows_with_sums(DType dtype, const void* src, int64_t total_rows, int64_t width,
+                                 const int32_t* map, void* text_out, void* gathered, float* partial,
+                                 cudaStream_t stream) {
+  if (total_rows == 0 || width == 0) {
+    return cudaSuccess;
+  }
+  const int64_t chunks = column_sum_chunks(total_rows);
+  const int64_t rows_per_chunk = (total_rows + chunks - 1) / chunks;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const T* in = static_cast<const T*>(src);
+    T* text = static_cast<T*>(text_out);
+    T* images = static_cast<T*>(gathered);
+    if (rows_vectorizable<T>(width, {in, text, images})) {
+      split_rows_sum_kernel<T, kVec><<<column_chunk_grid(width / kVec, chunks), kThreads, 0, stream>>>(
+          in, total_rows, width, rows_per_chunk, map, text, images, partial);
+    } else {
+      split_rows_sum_kernel<T, 1><<<column_chunk_grid(width, chunks), kThreads, 0, stream>>>(
+          in, total_rows, width, rows_per_chunk, map, text, images, partial);
+    }
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t add_bias(DType dtype, void* out, int64_t rows, int64_t cols, int64_t ld, const void* bias,

@@ -14,12 +14,17 @@ enum class DType : int { kFloat32, kFloat16, kBFloat16 };
 // a = gelu(h), the exact (erf) GELU, element-wise over n elements, computed in float32.
 cudaError_t gelu_forward(DType dtype, const void* h, void* a, int64_t n, cudaStream_t stream);
 
+// Column sums without atomics: a pass over [rows, cols] splits the rows into column_sum_chunks(rows) chunks
+// and writes one float32 partial row per chunk, partial [chunks, cols]; sum_partials adds them up in a
+// fixed order (deterministic, unlike atomics) into out [cols], in the inputs' dtype.
+int64_t column_sum_chunks(int64_t rows);
+cudaError_t sum_partials(DType dtype, const float* partial, int64_t chunks, int64_t cols, void* out,
+                         cudaStream_t stream);
+
 // dh = da * gelu'(h) with gelu'(h) = Phi(h) + h * phi(h), for row-major [rows, cols] da, h and dh of one
-// dtype (da in the inputs' dtype, as torch's own backward has it). When partial is not null, it also
-// writes the bias gradient's column sums of dh (float32, of the rounded values written) in
-// gelu_backward_chunks(rows) partial sums, partial [chunks, cols]: summing them over the chunks gives the
-// bias gradient without reading dh again, in a fixed order (deterministic, unlike atomics).
-int64_t gelu_backward_chunks(int64_t rows, int64_t cols);
+// dtype (da in the inputs' dtype, as torch's own backward has it). When partial is not null it also
+// writes the bias gradient's partial column sums of dh (of the rounded values written), so the bias
+// gradient needs no second read of dh.
 cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, int64_t rows, int64_t cols,
                           float* partial, cudaStream_t stream);
 
@@ -38,6 +43,13 @@ cudaError_t mark_rows(int64_t offset, int64_t first, int64_t tokens, int32_t* ma
 // gathered. text_out and gathered may be null (not written); src is read only where something is written.
 cudaError_t split_rows(DType dtype, const void* src, int64_t total_rows, int64_t width, const int32_t* map,
                        void* text_out, bool zero_images, void* gathered, cudaStream_t stream);
+
+// The same split for the backward (text_out and gathered both written, image rows zeroed in text_out),
+// also writing the partial column sums of the image rows (column_sum_chunks(total_rows) of them): the
+// second layer's bias gradient, from the same single read of src.
+cudaError_t split_rows_with_sums(DType dtype, const void* src, int64_t total_rows, int64_t width,
+                                 const int32_t* map, void* text_out, void* gathered, float* partial,
+                                 cudaStream_t stream);
 
 // out[r * ld + c] += bias[c] for r < rows, c < cols (the bias epilogue, where cuBLASLt has none).
 cudaError_t add_bias(DType dtype, void* out, int64_t rows, int64_t cols, int64_t ld, const void* bias,

@@ -26,16 +26,16 @@
 //   cores over HBM3): memory-bound, N times over. The gather costs one read and one write of N * P * D
 //   elements (57 MB each for 12 images at D = 4096 in bf16, ~40 us on an H100), and buys K = N * P for
 //   dW2 and dW1, one large GEMM for da, and one rounding of dW2 instead of N.
-// - db2 (and the linear projector's db) are torch's column sums (float32 accumulation): measured on an
-//   H100, cuBLASLt's BGRADB epilogue ran as a separate kernel of 40 us per bias, slower than a plain
-//   reduction over the same rows.
+// - Bias gradients (float32 sums) ride on passes that read the rows anyway: db2 on the split of dy, db1 on
+//   the GELU backward, each writing per-chunk partial sums that a small kernel adds up in a fixed order.
+//   Measured on an H100: cuBLASLt's BGRADB epilogue ran as a separate kernel of 40 us per bias, and torch's
+//   column sum took about as long (a second read of the rows). Where nothing is split or no GELU runs
+//   (no embeds, the linear projector), torch's column sum remains.
 // - The forward keeps the GELU's output as well as its input for the backward (dW2 = dy^T gelu(h)):
 //   recomputing it there cost a read and a write of N * P * D1 elements.
 // - Precision: float32 accumulation everywhere (CUBLAS_COMPUTE_32F, no TF32 for float32 inputs, as torch's
 //   default). da = dy W2 is written in the inputs' dtype, as torch's backward writes it: a float32 da
 //   (dh rounded once) doubled the bytes written by that GEMM and read by the GELU backward.
-// - db1 is summed inside the GELU backward pass (partial sums per chunk of rows, then one small sum):
-//   a separate column sum would read dh again.
 #ifdef LLAVAMED_FAST_WITH_CUDA
 
 #include <ATen/core/Tensor.h>
@@ -378,6 +378,14 @@ at::Tensor bias_grad(const at::Tensor& grad_out) {
   return at::sum(grad_out, {0}, /*keepdim=*/false, at::kFloat).to(grad_out.scalar_type());
 }
 
+// The bias gradient from a pass's partial column sums [chunks, O], in x's dtype.
+at::Tensor column_sums(const at::Tensor& partial, const at::Tensor& x) {
+  at::Tensor out = at::empty({partial.size(1)}, x.options());
+  C10_CUDA_CHECK(sum_partials(dtype_of(x), partial.const_data_ptr<float>(), partial.size(0), partial.size(1),
+                              out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
 // For each row of a packed [T, ...] tensor: -1 for a text row, else its row in the image-major
 // [N * P, ...] matrix (see mark_image_rows), on x's device. Offsets on the GPU are read there; offsets on
 // the CPU are read on the host (no host-to-device copy, so the op can be captured in a CUDA graph).
@@ -500,9 +508,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grads[5] = at::empty_like(dyc);
     }
     const at::Tensor map = image_row_map(*image_offsets, s, x, stream);
-    C10_CUDA_CHECK(split_rows(dtype, dyc.const_data_ptr(), s.total, s.width, map.const_data_ptr<int32_t>(),
-                              want_embeds ? grads[5].mutable_data_ptr() : nullptr, /*zero_images=*/true,
-                              want_params ? dy_images.mutable_data_ptr() : nullptr, stream));
+    // The last layer's bias gradient (db2, or db1 of the linear projector) is the column sum of these very
+    // rows: summed in the same pass.
+    const bool last_bias = s.mlp ? want_b2 : want_b1;
+    if (last_bias) {
+      at::Tensor partial =
+          at::empty({column_sum_chunks(s.total), s.width}, x.options().dtype(at::kFloat));
+      C10_CUDA_CHECK(split_rows_with_sums(dtype, dyc.const_data_ptr(), s.total, s.width,
+                                          map.const_data_ptr<int32_t>(),
+                                          want_embeds ? grads[5].mutable_data_ptr() : nullptr,
+                                          dy_images.mutable_data_ptr(), partial.mutable_data_ptr<float>(), stream));
+      grads[s.mlp ? 4 : 2] = column_sums(partial, x);
+    } else {
+      C10_CUDA_CHECK(split_rows(dtype, dyc.const_data_ptr(), s.total, s.width, map.const_data_ptr<int32_t>(),
+                                want_embeds ? grads[5].mutable_data_ptr() : nullptr, /*zero_images=*/true,
+                                want_params ? dy_images.mutable_data_ptr() : nullptr, stream));
+    }
   }
 
   if (want_params && rows == 0) {
@@ -522,8 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         grads[3] = at::empty({s.width, s.hidden}, x.options());
         weight_grad(blas, dtype, dy_images, saved[1].view({rows, s.hidden}), grads[3]);
       }
-      if (want_b2) {
-        grads[4] = bias_grad(dy_images);
+      if (want_b2 && !grads[4].defined()) {
+        grads[4] = bias_grad(dy_images);  // no embeds: dy is the image rows, nothing was split
       }
       if (want_x || want_w1 || want_b1) {
         const at::Tensor w2c = w2->contiguous();
@@ -534,16 +555,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              s.width, s.hidden, s.width, s.hidden, Epilogue::kNone, nullptr,
              {{w2c.const_data_ptr(), dy_images.const_data_ptr(), da.mutable_data_ptr()}});
         dh = at::empty({rows, s.hidden}, x.options());
-        // db1's column sums come out of the same pass, as partial sums over chunks of rows.
+        // db1 is the column sum of dh: summed in the same pass.
         at::Tensor partial;
         if (want_b1) {
-          partial = at::empty({gelu_backward_chunks(rows, s.hidden), s.hidden}, x.options().dtype(at::kFloat));
+          partial = at::empty({column_sum_chunks(rows), s.hidden}, x.options().dtype(at::kFloat));
         }
         C10_CUDA_CHECK(gelu_backward(dtype, da.const_data_ptr(), h.const_data_ptr(), dh.mutable_data_ptr(), rows,
                                      s.hidden, want_b1 ? partial.mutable_data_ptr<float>() : nullptr,
                                      blas.stream));
         if (want_b1) {
-          grads[2] = at::sum(partial, {0}).to(x.scalar_type());
+          grads[2] = column_sums(partial, x);
         }
       }
     } else {
@@ -555,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       weight_grad(blas, dtype, dh, xc, grads[1]);
     }
     if (want_b1 && !grads[2].defined()) {
-      grads[2] = bias_grad(dh);  // the linear projector: no GELU pass to fold the sums into
+      grads[2] = bias_grad(dh);  // the linear projector without embeds: no pass to fold the sums into
     }
     if (want_x) {
       // Row-major dx [rows, C] = dh [rows, D1] W1 [D1, C], i.e. column-major dx^T (C x rows) = W1^T (w1 as
