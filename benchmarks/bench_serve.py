@@ -186,14 +186,21 @@ def main() -> None:
     images = image_urls(16)
     limits = ServerLimits(max_tokens=max(args.max_tokens, 16), max_concurrent=256)
     rows = []
+    began = time.perf_counter()
     with start_in_thread(engine, model_name=kind, limits=limits) as server:
         run_level(server.url, 1, 2, 2, images)  # warm-up: first calls, allocator, kernels
+        print(f"warm-up done after {time.perf_counter() - began:.1f} s", flush=True)
         for concurrency in args.concurrency:
             requests = args.requests or max(8, 4 * concurrency)
             if args.smoke:
                 requests = concurrency
             rows.append(
                 {"model": kind, **run_level(server.url, concurrency, requests, args.max_tokens, images)}
+            )
+            # Each level as soon as it is measured: a run cut short by a time limit keeps what it measured.
+            print(
+                "row " + json.dumps({**rows[-1], "after_s": round(time.perf_counter() - began, 1)}),
+                flush=True,
             )
     headline = {"model": kind, "max_tokens": args.max_tokens}
     for r in rows:

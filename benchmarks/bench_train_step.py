@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bench_packing import stage_lengths
-from harness import report
+from harness import report, synchronize
 
 from llavamed_fast import ops
 from llavamed_fast.data.packing import Sample, collate, pack
@@ -333,6 +333,55 @@ def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) 
     return out
 
 
+def profile_steps(key: str, one, steps, device) -> dict:
+    """Where one configuration's step goes on the GPU: kernel time by kind, the share of the step's wall
+    time the GPU was busy (the rest is host work and waiting), and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for step in steps[:2]:
+        one(step)
+    synchronize(device)
+    chosen = [steps[i % len(steps)] for i in range(3)]
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in chosen:
+            one(step)
+        synchronize(device)
+    wall_us = (time.perf_counter() - began) * 1e6
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kinds: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        kind = next(
+            (
+                label
+                for label, words in (
+                    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")),
+                    ("attention", ("varlen_attention", "flash", "attn", "sdpa")),
+                    ("cross_entropy", ("linear_cross_entropy", "cross_entropy")),
+                    ("projector", ("projector",)),
+                    ("optimizer", ("adam", "multi_tensor")),
+                    ("copy/memset", ("memcpy", "memset", "copy")),
+                    ("reduce", ("reduce",)),
+                    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+                )
+                if any(w in name for w in words)
+            ),
+            "other",
+        )
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total
+    busy = sum(kinds.values())
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    return {
+        "config": f"{key} profile",
+        "steps": len(chosen),
+        "wall_ms_per_step": round(wall_us / len(chosen) / 1e3, 2),
+        "gpu_busy_fraction": round(busy / wall_us, 3),
+        "kernel_ms_per_step": {k: round(v / len(chosen) / 1e3, 2) for k, v in sorted(kinds.items())},
+    }
+
+
 def full_model_flops_per_sample(variant: str, stage: int, items_probe: int, seed: int) -> float:
     """Model FLOPs per sample of the full 32-layer model on the stage's length mix (a meta-device model)."""
     with torch.device("meta"):
@@ -361,6 +410,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing in ours too")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile ours' step on the GPU (kernel time by kind)"
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -401,6 +453,9 @@ def main() -> None:
                 for name, reference in (("ours", False), ("ours (reference ops)", True))
             )
             rows += [{**base, **r} for r in (fast, slow) if r is not None]
+            if args.profile:  # on the CPU (--smoke) this checks the code; kernel times need a GPU
+                one = run_ours(model, ours, opt, reference_ops=False, recompute=args.recompute)
+                attempt(f"{key} profile", functools.partial(profile_steps, key, one, ours, device), failures)
             del opt
             if fast is not None:
                 headline[f"{key}_tokens_per_s"] = round(fast["tokens_per_s"], 1)

@@ -67,7 +67,7 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   run 60 "bench_projector" $python benchmarks/bench_projector.py --profile
   # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava.
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
-  run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4
+  run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --profile
   # Serving needs fastapi, uvicorn and httpx, which a bare GPU image may lack, and it has no network: a
   # wheelhouse in .whl/ (ignored by git; send it along with the checkout) supplies them. Fill it with
   #   pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -78,7 +78,7 @@ if [[ " $stages " == *" benchmarks "* ]]; then
     run 60 "serving packages from .whl" $python -m pip install -q --no-index --find-links .whl fastapi uvicorn httpx
   fi
   if serving_ready; then
-    run 100 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 32
+    run 180 "bench_serve" $python benchmarks/bench_serve.py --model 7b --layers 8 --max-tokens 32 --requests 16
   else
     say "bench_serve skipped: fastapi/uvicorn/httpx are not installed here (no .whl/ wheelhouse either)"
   fi

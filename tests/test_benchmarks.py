@@ -18,7 +18,7 @@ CASES = {
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
     "bench_serve.py": (["--smoke"], {"requests_per_s_1", "ttft_ms_1", "requests_per_s_4", "ttft_ms_4"}),
     "bench_train_step.py": (
-        ["--smoke"],
+        ["--smoke", "--profile"],
         {
             f"{v}_stage{s}_{k}"
             for v in ("v0", "v1.5")
