@@ -347,13 +347,14 @@ class Engine:
 
     def _after_tokens(self, rows: list[int]) -> None:
         """Record each row's new token, stream what is settled, and retire finished rows."""
-        last = self._last.tolist()
+        # Both to the host at once: reading a GPU tensor element by element would wait once per row.
+        last, positions = self._last.tolist(), self._positions.tolist()
         for row in rows:
             request = self._active[row]
             if self._drop_cancelled(request):
                 continue
             request.generated.append(last[row])
-            self._progress(request, int(self._positions[row]) + 1)
+            self._progress(request, positions[row] + 1)
         keep = [i for i, r in enumerate(self._active) if not r.done]
         if len(keep) < len(self._active):
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
