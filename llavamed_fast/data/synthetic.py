@@ -7,7 +7,9 @@ are far apart), how many there are, and whether they are bright or dark against 
 shape, grey levels, texture and noise are random, so the text can only be predicted from the lesions.
 
 - :func:`make_dataset` writes LLaVA JSON: stage-1 ``captions`` (a concise-description instruction and a
-  caption stating the findings) or stage-2 ``conversations`` (2-4 question-answer turns).
+  caption stating the findings), stage-2 ``conversations`` (2-4 question-answer turns) or
+  ``side_questions`` (one question on the lesions' side per record, every scan with lesions: the focused
+  stage of the demo's curriculum).
 - :func:`make_eval_set` writes held-out single questions in the VQA form (JSONL, ``answer_type``
   ``CLOSED``/``OPEN``), each on its own scan, with the answers of each closed question balanced.
 - :func:`noise_like` gives a noise image for checking that answers depend on the image.
@@ -35,7 +37,7 @@ from PIL import Image
 GENERATOR_VERSION = 1
 """Written into every manifest; bump it when drawing or text changes, so cached sets are rebuilt."""
 
-TASKS = ("captions", "conversations")
+TASKS = ("captions", "conversations", "side_questions")
 EVAL_NAMESPACE = "eval"
 SIDES = ("left", "right")
 SIZES = ("large", "small")
@@ -192,6 +194,16 @@ def planned_findings(namespace: str, seed: int, index: int) -> Findings:
     return Findings(count + 1, SIDES[side], SIZES[size], BRIGHTNESS[brightness])
 
 
+def planned_lesion_findings(namespace: str, seed: int, index: int) -> Findings:
+    """Like :func:`planned_findings` without the scans that have no lesion: every combination equally often."""
+    block, position = divmod(index, PLAN_BLOCK // 2)
+    combo = int(_rng(namespace, seed, _PLAN, block).permutation(PLAN_BLOCK // 2)[position])
+    combo, count = divmod(combo, MAX_LESIONS)
+    combo, side = divmod(combo, len(SIDES))
+    brightness, size = divmod(combo, len(SIZES))
+    return Findings(count + 1, SIDES[side], SIZES[size], BRIGHTNESS[brightness])
+
+
 def _place(findings: Findings, rng: np.random.Generator, size: int, body) -> list[tuple[float, float, float]]:
     cx, cy, ax, ay = body
     low, high = LARGE_RADIUS if findings.size == "large" else SMALL_RADIUS
@@ -322,7 +334,8 @@ def image_id(namespace: str, seed: int, index: int, image_size: int) -> str:
 
 def dataset_scan(task: str, seed: int, index: int, image_size: int = 64) -> Scan:
     """The scan of item ``index`` of every ``make_dataset(task=task, seed=seed, image_size=image_size)``."""
-    return draw_scan(planned_findings(task, seed, index), _rng(task, seed, _DRAW, index), image_size)
+    plan = planned_lesion_findings if task == "side_questions" else planned_findings
+    return draw_scan(plan(task, seed, index), _rng(task, seed, _DRAW, index), image_size)
 
 
 def _record(task: str, seed: int, index: int, findings: Findings, image: str) -> dict:
@@ -330,6 +343,10 @@ def _record(task: str, seed: int, index: int, findings: Findings, image: str) ->
     if task == "captions":
         instruction = CAPTION_INSTRUCTIONS[rng.integers(len(CAPTION_INSTRUCTIONS))]
         turns = [(instruction, caption(findings))]
+    elif task == "side_questions":
+        # Both forms equally often; the yes/no form names either side, so its answers are balanced too.
+        kind = ("side", "side_yes_no")[index % 2]
+        turns = [question_answer(kind, findings, SIDES[rng.integers(2)])]
     else:
         # Presence is asked in every record, so its yes/no answers are as balanced as the scans; 1-3 more
         # questions (1-2 without a lesion: fewer kinds apply) follow, all in random order.

@@ -44,7 +44,7 @@ class DataConfig:
     kind: DataKind = DataKind.LLAVA_JSON
     path: str = ""  # LLaVA JSON(L) file, or the VQA-RAD folder
     image_folder: str = ""
-    synthetic_task: str = "conversations"  # synthetic: "captions" (stage 1) or "conversations" (stage 2)
+    synthetic_task: str = "conversations"  # synthetic: "captions", "conversations" or "side_questions"
     synthetic_count: int = 0
     synthetic_seed: int = 0
     max_samples: int = 0  # 0: all
@@ -56,9 +56,9 @@ class DataConfig:
             raise ValueError("data.path is required for llava_json data")
         if self.kind is DataKind.SYNTHETIC and self.synthetic_count <= 0:
             raise ValueError("data.synthetic_count must be positive for synthetic data")
-        if self.synthetic_task not in ("captions", "conversations"):
+        if self.synthetic_task not in ("captions", "conversations", "side_questions"):
             raise ValueError(
-                f"data.synthetic_task must be 'captions' or 'conversations', got {self.synthetic_task!r}"
+                f"data.synthetic_task must be captions, conversations or side_questions, got {self.synthetic_task!r}"
             )
         if self.bad_images not in ("raise", "skip"):
             raise ValueError(f"data.bad_images must be 'raise' or 'skip', got {self.bad_images!r}")

@@ -170,6 +170,30 @@ def test_text_agrees_with_findings(tmp_path):
         assert 0.35 <= yes / (yes + no) <= 0.65, (question, yes, no)
 
 
+def test_side_questions_ask_one_side_question_per_lesion_scan(tmp_path):
+    seed, count = 3, 4 * (PLAN_BLOCK // 2)
+    records = json.loads(make_dataset(tmp_path, task="side_questions", count=count, seed=seed).read_text())
+    assert len(records) == count
+    combinations, kinds = Counter(), Counter()
+    for index, record in enumerate(records):
+        scan = dataset_scan("side_questions", seed, index)
+        assert pixel_digest(Image.open(tmp_path / "images" / record["image"])) == pixel_digest(scan.image)
+        assert scan.findings.count > 0 and len(scan.lesions) == scan.findings.count
+        pairs = qa_pairs(record)
+        assert len(pairs) == 1
+        check_turns(pairs, scan.findings)
+        question, answer = pairs[0]
+        assert question.startswith(("Which side", "Is the lesion on the"))
+        kinds[(question.split()[0], answer)] += 1
+        f = scan.findings
+        combinations[(f.count, f.side, f.size, f.brightness)] += 1
+    # Every lesion combination equally often (4 whole blocks), both forms equally often, answers balanced.
+    assert len(combinations) == PLAN_BLOCK // 2 and set(combinations.values()) == {4}
+    assert kinds[("Which", "Left.")] == kinds[("Which", "Right.")] == count // 4
+    yes, no = kinds[("Is", "Yes.")], kinds[("Is", "No.")]
+    assert yes + no == count // 2 and 0.35 <= yes / (yes + no) <= 0.65, (yes, no)
+
+
 def test_findings_agree_with_geometry_and_pixels():
     size = 64
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
@@ -246,7 +270,7 @@ def test_hardest_layouts_fit_at_every_size():
 @pytest.mark.parametrize("preset", ["tiny-v1.5", "tiny-v0"])
 def test_records_load_with_the_dataset(tmp_path, preset):
     model_processor = build(preset, seed=0)[1]
-    for task in ("captions", "conversations"):
+    for task in synthetic.TASKS:
         path = make_dataset(tmp_path, task=task, count=24, seed=0)
         dataset = LlavaJsonDataset(path, tmp_path / "images", model_processor)
         assert len(dataset) == 24 and not dataset.stats.truncated and not dataset.stats.unsupervised
@@ -296,11 +320,11 @@ def test_eval_set_is_balanced_correct_and_held_out(tmp_path):
     eval_pixels = {
         hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "eval" / "images").iterdir()
     }
-    for task in ("captions", "conversations"):
+    for task in synthetic.TASKS:
         for train_seed in (0, 1):
             make_dataset(tmp_path / "train", task=task, count=count, seed=train_seed)
     train_images = list((tmp_path / "train" / "images").iterdir())
-    assert len(train_images) == 4 * count
+    assert len(train_images) == 2 * len(synthetic.TASKS) * count
     assert not {p.name for p in train_images} & {line["image"] for line in lines}
     assert not {hashlib.sha256(p.read_bytes()).hexdigest() for p in train_images} & eval_pixels
 
