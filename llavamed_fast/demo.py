@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llavamed_fast.data.synthetic import canonical_answer, make_eval_set, noise_like
+from llavamed_fast.data.synthetic import make_eval_set, noise_like, reply_answer
 from llavamed_fast.data.templates import Message
 from llavamed_fast.eval.answer import generate_batch
 from llavamed_fast.model import load_pretrained
@@ -62,7 +62,7 @@ def evaluate(
     hits: dict[str, list[bool]] = defaultdict(list)
     by_question: dict[str, list[bool]] = defaultdict(list)
     for item, reply in zip(items, replies, strict=True):
-        right = canonical_answer(reply) == item["answer"]
+        right = reply_answer(reply) == item["answer"]
         hits[item["answer_type"]].append(right)
         # Each kind of question has one fixed wording (the side one names either side): group by its start.
         by_question[" ".join(item["question"].split()[:4])].append(right)

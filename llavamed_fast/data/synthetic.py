@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -318,6 +319,14 @@ def canonical_answer(answer: str) -> str:
     return answer.strip().rstrip(".").lower()
 
 
+def reply_answer(reply: str) -> str:
+    """The answer a model's reply gives, in canonical form: its first word ("Left." -> "left"). Every
+    held-out answer is one word, so a reply that runs on past it ("Dark yes yes", which a model fed noise
+    for an image can produce) is judged by what it answered, not by how it went on."""
+    match = re.match(r"\s*([A-Za-z]+)", reply)
+    return match.group(1).lower() if match else ""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Records.
 
@@ -387,7 +396,7 @@ def eval_item(seed: int, index: int, image_size: int = 64) -> tuple[Scan, EvalQu
     scan = draw_scan(findings, _rng(EVAL_NAMESPACE, seed, _DRAW, index), image_size)
     question, training_answer = question_answer(kind, findings, asked_side)
     name = image_id(EVAL_NAMESPACE, seed, index, image_size)
-    assert canonical_answer(training_answer) == answer, (kind, findings, training_answer)
+    assert canonical_answer(training_answer) == answer == reply_answer(training_answer), (kind, findings)
     item = EvalQuestion(
         question_id=name,
         image=f"{name}.png",

@@ -116,6 +116,23 @@ _TINY_TEXT = {
     "tie_word_embeddings": False,
 }
 
+_TINY_V15 = ModelConfig(
+    name="tiny-v1.5",
+    vision=dict(_TINY_VISION),
+    text={
+        **_TINY_TEXT,
+        "model_type": "mistral",
+        "num_key_value_heads": 2,
+        "sliding_window": None,
+    },
+    tokenizer=TINY_TOKENIZER,
+    projector=ProjectorType.MLP2X_GELU,
+    image_resize=ImageResize.PAD_TO_SQUARE,
+    template="mistral_instruct",
+    image_start_end=False,
+    max_length=2048,
+)
+
 PRESETS: Mapping[str, ModelConfig] = MappingProxyType(
     {
         c.name: c
@@ -156,21 +173,12 @@ PRESETS: Mapping[str, ModelConfig] = MappingProxyType(
                 image_start_end=True,
                 max_length=2048,
             ),
-            ModelConfig(
-                name="tiny-v1.5",
-                vision=dict(_TINY_VISION),
-                text={
-                    **_TINY_TEXT,
-                    "model_type": "mistral",
-                    "num_key_value_heads": 2,
-                    "sliding_window": None,
-                },
-                tokenizer=TINY_TOKENIZER,
-                projector=ProjectorType.MLP2X_GELU,
-                image_resize=ImageResize.PAD_TO_SQUARE,
-                template="mistral_instruct",
-                image_start_end=False,
-                max_length=2048,
+            _TINY_V15,
+            # The offline demo's model: 48-pixel images in 8-pixel patches (36 image tokens instead of 16),
+            # so a lesion fills much of a patch instead of a sliver of one (docs/TRAINING.md has what it
+            # changed; 64-pixel images in 8-pixel patches learned as well at 1.2x the cost).
+            _TINY_V15.replace(
+                name="tiny-v1.5-demo", vision={**_TINY_VISION, "image_size": 48, "patch_size": 8}
             ),
         )
     }

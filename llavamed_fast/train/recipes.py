@@ -158,7 +158,8 @@ def tiny_v0() -> RunConfig:
 
 def demo() -> RunConfig:
     """The offline demo's curriculum (``llavamed-fast demo``): synthetic scans, a tiny model, two CPU
-    cores. AdamW at 5e-4 for the LLM: on these tiny models 1e-3 and above collapse to one constant answer.
+    cores, under ten minutes. AdamW at 5e-4 for the LLM: on these tiny models 1e-3 and above collapse to
+    one constant answer.
 
     After the two LLaVA-Med stages come two short ones, because the conversation mix alone leaves one
     finding unlearned: where the lesions are (docs/TRAINING.md has the measurements). ``side`` trains on
@@ -167,13 +168,16 @@ def demo() -> RunConfig:
     conversation mix again, at a fifth of the rate) brings back while side holds.
     """
     base = _synthetic_curriculum(
-        "demo", captions=2000, conversations=8000, epochs=(1, 6), batch=32, micro_tokens=1024
+        "demo", captions=2000, conversations=8000, epochs=(1, 5), batch=32, micro_tokens=1024
     )
     alignment, instruct = base.stages
-    side = replace(instruct, name="side", data=_synthetic("side_questions", 2400, 2), epochs=7)
-    consolidate = replace(instruct, name="consolidate", lr=1e-4, max_steps=450)
+    side = replace(instruct, name="side", data=_synthetic("side_questions", 2400, 2), epochs=5)
+    consolidate = replace(instruct, name="consolidate", lr=1e-4, max_steps=350)
     return replace(
         base,
+        # 8-pixel patches: with tiny-v1.5's 16-pixel ones brightness and size are learned more slowly and
+        # less well.
+        model="tiny-v1.5-demo",
         stages=(alignment, instruct, side, consolidate),
         checkpoint_every=250,
         keep_last=1,

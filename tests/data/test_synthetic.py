@@ -33,6 +33,7 @@ from llavamed_fast.data.synthetic import (
     make_eval_set,
     noise_like,
     planned_findings,
+    reply_answer,
 )
 from llavamed_fast.model import build
 
@@ -353,3 +354,13 @@ def test_bad_arguments_name_the_problem(tmp_path):
         synthetic.question_answer("size", Findings(0))
     with pytest.raises(ValueError, match="no side, size or brightness"):
         Findings(0, side="left")
+
+
+def test_a_reply_is_judged_by_its_first_word():
+    # Every held-out answer is one word; what follows it (a run-on, a comma clause) does not change it.
+    assert reply_answer("Left.") == "left"
+    assert reply_answer(" Dark Yes Yes Yes") == "dark"
+    assert reply_answer("Yes, on the left side.") == "yes"
+    assert reply_answer("Three lesions.") == "three"
+    # No word at all is no answer, never a match for any expected answer.
+    assert reply_answer("") == reply_answer("...") == ""
