@@ -5,8 +5,7 @@ What it asserts is what the demo shows: the run completes, the summary and the c
 README promises, the model answers held-out closed questions from the image (every finding well above
 chance, and with noise images no better than chance), and closed accuracy is near the demo's target of
 0.85. The floors sit below the measured values (docs/TRAINING.md, "The offline demo") by about twice the
-spread that the training seed and the thread count cause, so that the test fails on a regression, not on
-that spread.
+spread that the training seed causes, so that the test fails on a regression, not on that spread.
 """
 
 from __future__ import annotations
