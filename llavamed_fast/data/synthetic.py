@@ -182,27 +182,25 @@ def _random_findings(rng: np.random.Generator, **fixed) -> Findings:
     return Findings(**{**values, **fixed})
 
 
-def planned_findings(namespace: str, seed: int, index: int) -> Findings:
-    """The findings of dataset item ``index``: half without lesions, every lesion combination equally often."""
-    block, position = divmod(index, PLAN_BLOCK)
-    order = int(_rng(namespace, seed, _PLAN, block).permutation(PLAN_BLOCK)[position])
-    if order % 2 == 0:
-        return Findings(0)
-    combo = order // 2
+def _lesion_findings(combo: int) -> Findings:
+    """Lesion combination ``combo`` (0 .. PLAN_BLOCK / 2 - 1): count, side, size and brightness."""
     combo, count = divmod(combo, MAX_LESIONS)
     combo, side = divmod(combo, len(SIDES))
     brightness, size = divmod(combo, len(SIZES))
     return Findings(count + 1, SIDES[side], SIZES[size], BRIGHTNESS[brightness])
+
+
+def planned_findings(namespace: str, seed: int, index: int) -> Findings:
+    """The findings of dataset item ``index``: half without lesions, every lesion combination equally often."""
+    block, position = divmod(index, PLAN_BLOCK)
+    order = int(_rng(namespace, seed, _PLAN, block).permutation(PLAN_BLOCK)[position])
+    return Findings(0) if order % 2 == 0 else _lesion_findings(order // 2)
 
 
 def planned_lesion_findings(namespace: str, seed: int, index: int) -> Findings:
     """Like :func:`planned_findings` without the scans that have no lesion: every combination equally often."""
     block, position = divmod(index, PLAN_BLOCK // 2)
-    combo = int(_rng(namespace, seed, _PLAN, block).permutation(PLAN_BLOCK // 2)[position])
-    combo, count = divmod(combo, MAX_LESIONS)
-    combo, side = divmod(combo, len(SIDES))
-    brightness, size = divmod(combo, len(SIZES))
-    return Findings(count + 1, SIDES[side], SIZES[size], BRIGHTNESS[brightness])
+    return _lesion_findings(int(_rng(namespace, seed, _PLAN, block).permutation(PLAN_BLOCK // 2)[position]))
 
 
 def _place(findings: Findings, rng: np.random.Generator, size: int, body) -> list[tuple[float, float, float]]:
