@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "projector.h"
 
@@ -305,23 +306,28 @@ cudaError_t sum_partials(DType dtype, const float* partial, int64_t chunks, int6
 
 namespace {
 
-// Whether rows can move as 16-byte vectors of T: every row of every pointer on a 16-byte boundary.
-template <typename T>
-bool rows_vectorizable(int64_t cols, std::initializer_list<const void*> pointers) {
+// Launches a kernel of the column-chunk layout (x: groups of kVec columns, y: chunks of rows) for [rows, cols]
+// tensors of T: launch(kVec, grid, rows_per_chunk), with kVec = 16 bytes of T when every row of every
+// pointer starts on a 16-byte boundary (null pointers are not written), else 1.
+template <typename T, typename Launch>
+cudaError_t launch_column_chunks(int64_t rows, int64_t cols, std::initializer_list<const void*> pointers,
+                                 Launch&& launch) {
   constexpr int kVec = 16 / sizeof(T);
-  if (cols % kVec != 0) {
-    return false;
-  }
+  bool vector = cols % kVec == 0;
   for (const void* pointer : pointers) {
-    if (pointer != nullptr && !aligned(pointer, 16)) {
-      return false;
-    }
+    vector = vector && (pointer == nullptr || aligned(pointer, 16));
   }
-  return true;
-}
-
-dim3 column_chunk_grid(int64_t groups, int64_t chunks) {
-  return dim3(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+  const int64_t chunks = column_sum_chunks(rows);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  const auto grid = [&](int64_t groups) {
+    return dim3(static_cast<unsigned>((groups + kThreads - 1) / kThreads), static_cast<unsigned>(chunks));
+  };
+  if (vector) {
+    launch(std::integral_constant<int, kVec>{}, grid(cols / kVec), rows_per_chunk);
+  } else {
+    launch(std::integral_constant<int, 1>{}, grid(cols), rows_per_chunk);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -331,22 +337,15 @@ cudaError_t gelu_backward(DType dtype, const void* da, const void* h, void* dh, 
   if (rows == 0 || cols == 0) {
     return cudaSuccess;
   }
-  const int64_t chunks = column_sum_chunks(rows);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = 16 / sizeof(T);
     const T* grad = static_cast<const T*>(da);
     const T* in = static_cast<const T*>(h);
     T* out = static_cast<T*>(dh);
-    if (rows_vectorizable<T>(cols, {grad, in, out})) {
-      gelu_backward_kernel<T, kVec><<<column_chunk_grid(cols / kVec, chunks), kThreads, 0, stream>>>(
-          grad, in, out, rows, cols, rows_per_chunk, partial);
-    } else {
-      gelu_backward_kernel<T, 1><<<column_chunk_grid(cols, chunks), kThreads, 0, stream>>>(
-          grad, in, out, rows, cols, rows_per_chunk, partial);
-    }
-    return cudaGetLastError();
+    return launch_column_chunks<T>(rows, cols, {grad, in, out}, [&](auto vec, dim3 grid, int64_t rows_per_chunk) {
+      gelu_backward_kernel<T, decltype(vec)::value>
+          <<<grid, kThreads, 0, stream>>>(grad, in, out, rows, cols, rows_per_chunk, partial);
+    });
   });
 }
 
@@ -409,22 +408,16 @@ cudaError_t split_rows_with_sums(DType dtype, const void* src, int64_t total_row
   if (total_rows == 0 || width == 0) {
     return cudaSuccess;
   }
-  const int64_t chunks = column_sum_chunks(total_rows);
-  const int64_t rows_per_chunk = (total_rows + chunks - 1) / chunks;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = 16 / sizeof(T);
     const T* in = static_cast<const T*>(src);
     T* text = static_cast<T*>(text_out);
     T* images = static_cast<T*>(gathered);
-    if (rows_vectorizable<T>(width, {in, text, images})) {
-      split_rows_sum_kernel<T, kVec><<<column_chunk_grid(width / kVec, chunks), kThreads, 0, stream>>>(
-          in, total_rows, width, rows_per_chunk, map, text, images, partial);
-    } else {
-      split_rows_sum_kernel<T, 1><<<column_chunk_grid(width, chunks), kThreads, 0, stream>>>(
-          in, total_rows, width, rows_per_chunk, map, text, images, partial);
-    }
-    return cudaGetLastError();
+    return launch_column_chunks<T>(
+        total_rows, width, {in, text, images}, [&](auto vec, dim3 grid, int64_t rows_per_chunk) {
+          split_rows_sum_kernel<T, decltype(vec)::value>
+              <<<grid, kThreads, 0, stream>>>(in, total_rows, width, rows_per_chunk, map, text, images, partial);
+        });
   });
 }
 
