@@ -93,40 +93,44 @@ def _inputs(images, tokens, channels, hidden, width, total, dtype, *, mlp=True, 
     return x, w1, b1, w2, b2, embeds, offsets, dy
 
 
-def _run(backend, x, w1, b1, w2, b2, embeds, offsets, dy, *, dtype=None, frozen_x=False):
-    """``(y, grads)`` through the public op and autograd: grads for x (unless frozen), w1, b1, w2, b2,
-    embeds, None where absent; inputs cast to ``dtype`` first (the float64 oracle)."""
-    leaves = []
-    for i, t in enumerate((x, w1, b1, w2, b2, embeds)):
-        if t is None:
-            leaves.append(None)
-            continue
-        t = t.detach().to(dtype or t.dtype)
-        leaves.append(t if i == 0 and frozen_x else t.requires_grad_())
-    with ops.use_backend(projector=backend):
-        y = ops.projector(*leaves[:5], embeds=leaves[5], image_offsets=offsets)
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, dy.to(y.dtype)))
-    return y.detach(), [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-
-
-def _eager(x, w1, b1, w2, b2, embeds, offsets, dy, *, frozen_x=False):
-    """``(y, grads)`` like :func:`_run`, by plain PyTorch autograd in the inputs' dtype."""
+def _through(forward, x, w1, b1, w2, b2, embeds, offsets, dy, *, dtype=None, frozen_x=False):
+    """``(y, grads)`` of ``forward(x, w1, b1, w2, b2, embeds, offsets)`` by autograd: grads for x (unless
+    frozen), w1, b1, w2, b2, embeds, None where absent; inputs cast to ``dtype`` first (the float64
+    oracle)."""
     leaves = [
-        t if t is None else t.detach().requires_grad_(not (i == 0 and frozen_x))
+        t if t is None else t.detach().to(dtype or t.dtype).requires_grad_(not (i == 0 and frozen_x))
         for i, t in enumerate((x, w1, b1, w2, b2, embeds))
     ]
-    x, w1, b1, w2, b2, embeds = leaves
-    y = F.linear(x, w1, b1)
-    if w2 is not None:
-        y = F.linear(F.gelu(y), w2, b2)
-    if embeds is not None:
-        tokens = x.shape[1]
-        rows = torch.cat([torch.arange(start, start + tokens, device=x.device) for start in offsets.tolist()])
-        y = embeds.index_copy(0, rows, y.reshape(rows.numel(), -1))
+    y = forward(*leaves, offsets)
     wanted = [t for t in leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, wanted, dy.to(y.dtype)))
     return y.detach(), [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _run(backend, *inputs, **options):
+    """Through the public op on ``backend``."""
+
+    def forward(x, w1, b1, w2, b2, embeds, offsets):
+        with ops.use_backend(projector=backend):
+            return ops.projector(x, w1, b1, w2, b2, embeds=embeds, image_offsets=offsets)
+
+    return _through(forward, *inputs, **options)
+
+
+def _eager(*inputs, **options):
+    """Plain PyTorch in the inputs' dtype: how a transformers projector trains."""
+
+    def forward(x, w1, b1, w2, b2, embeds, offsets):
+        y = F.linear(x, w1, b1)
+        if w2 is not None:
+            y = F.linear(F.gelu(y), w2, b2)
+        if embeds is None:
+            return y
+        tokens = x.shape[1]
+        rows = torch.cat([torch.arange(start, start + tokens, device=x.device) for start in offsets.tolist()])
+        return embeds.index_copy(0, rows, y.reshape(rows.numel(), -1))
+
+    return _through(forward, *inputs, **options)
 
 
 def _assert_as_accurate_as_torch(name, got, plain, oracle, factor):
