@@ -19,8 +19,12 @@ Each configuration takes the same samples, in the same order, for ``--steps`` ti
 ``--warmup`` (CUDA events). Tokens/s counts real tokens only. MFU is model FLOPs
 (``llavamed_fast.train.flops.batch_flops``: 4N per token when the LLM is frozen, 6N when it trains, plus
 the head on supervised tokens, attention and the vision tower; padding and recompute earn nothing) over
-the time and the device's dense bf16 peak. The projection scales the measured MFU of ours to the full
-32-layer models and the paper's curriculum (600K alignment pairs x 1 epoch, 60K conversations x 3 epochs).
+the time and the device's dense bf16 peak. With ``--marginal-layers M`` ours is timed again with M layers:
+the difference is the time and FLOPs of one layer (its MFU is the per-layer MFU), and the 32-layer
+model's step is the measured one plus the missing layers, so the parts that do not grow with depth (the
+vision tower, the embeddings, the head, host work) count once, as in the real model. The projection
+runs the full model's FLOPs over the paper's curriculum (600K alignment pairs x 1 epoch, 60K
+conversations x 3 epochs) at that 32-layer MFU (at the measured model's MFU without ``--marginal-layers``).
 
 Last line: JSON. ``--smoke``: the tiny presets on the CPU, a step or two each (checks the script, not the
 speed).
@@ -53,6 +57,7 @@ VOCAB = 32000
 # The paper's curriculum: 600K alignment pairs for one epoch, 60K conversations for three.
 CURRICULUM = {1: 600_000, 2: 3 * 60_000}
 PAPER_HOURS_8XA100 = 6.8 + 8.0
+FULL_LAYERS = 32  # LLaMA-7B and Mistral-7B
 
 
 def model_config(variant: str, layers: int):
@@ -89,7 +94,9 @@ def model_config(variant: str, layers: int):
 def build_model(variant: str, layers: int, device: torch.device, dtype: torch.dtype, smoke: bool):
     with torch.device(device):
         if smoke:
-            model, processor = build(f"tiny-{variant}", seed=0, dtype=dtype)
+            tiny = get_preset(f"tiny-{variant}")
+            tiny = tiny.replace(text={**tiny.text, "num_hidden_layers": layers})
+            model, processor = build(tiny, seed=0, dtype=dtype)
         else:
             model, processor = build(model_config(variant, layers), seed=0, dtype=dtype)
             # The tiny tokenizer stands in for the real one; the head and embeddings get the real vocabulary.
@@ -382,6 +389,51 @@ def profile_steps(key: str, one, steps, device) -> dict:
     }
 
 
+def _our_flops_per_step(steps, warmup: int, timed: int) -> float:
+    """Mean model FLOPs of the steps that ``measure`` timed (it cycles through the list)."""
+    return float(np.mean([_our_flops(steps[(warmup + i) % len(steps)]) for i in range(timed)]))
+
+
+def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict, flops: float) -> dict:
+    """Ours again with ``--marginal-layers`` LLM layers on the same samples and rows.
+
+    One more layer costs ``(t_M - t_L) / (M - L)`` seconds and ``(F_M - F_L) / (M - L)`` FLOPs per step:
+    its MFU is the per-layer MFU. The full model's step is the measured one plus the missing layers,
+    ``t_L + (32 - L) * dt`` for ``F_L + (32 - L) * dF``: the vision tower, the embeddings, the head and
+    the step's host work are counted once, as in the real model, not once per four layers."""
+    model, processor = build_model(variant, args.marginal_layers, device, dtype, args.smoke)
+    items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
+    steps = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
+    opt = optimizer_for(trainable(model, stage), device)
+    one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
+    row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
+    extra = args.marginal_layers - args.layers
+    flops_more = _our_flops_per_step(steps, args.warmup, args.steps)
+    del model, opt, one, steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    seconds = (row["step_s"] - fast["step_s"]) / extra
+    layer_flops = (flops_more - flops) / extra
+    if seconds <= 0 and not args.smoke:  # tiny CPU models: noise may exceed a layer; the smoke checks code
+        raise RuntimeError(
+            f"{args.marginal_layers} layers took {row['step_s']:.4f} s per step, no more than "
+            f"{args.layers} layers' {fast['step_s']:.4f} s: the timing is too noisy to give a layer's cost"
+        )
+    missing = FULL_LAYERS - args.layers
+    full_seconds = fast["step_s"] + missing * seconds
+    full_flops = flops + missing * layer_flops
+    rated = peak is not None and seconds > 0
+    return {
+        **row,
+        "config": f"ours, {args.marginal_layers} layers",
+        "layers": args.marginal_layers,
+        "per_layer_ms": seconds * 1e3,
+        "per_layer_mfu": layer_flops / seconds / 1e12 / peak if rated else None,
+        f"step_s_{FULL_LAYERS}_layers": full_seconds,
+        "mfu_full_model": full_flops / full_seconds / 1e12 / peak if rated else None,
+    }
+
+
 def full_model_flops_per_sample(variant: str, stage: int, items_probe: int, seed: int) -> float:
     """Model FLOPs per sample of the full 32-layer model on the stage's length mix (a meta-device model)."""
     with torch.device("meta"):
@@ -408,6 +460,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--marginal-layers",
+        type=int,
+        default=0,
+        help="also time ours with this many LLM layers: the difference is the cost of one layer, and "
+        f"it gives the {FULL_LAYERS}-layer model's MFU for the projection",
+    )
     parser.add_argument("--recompute", action="store_true", help="gradient checkpointing in ours too")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
@@ -415,6 +474,8 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.marginal_layers and args.marginal_layers <= args.layers:
+        parser.error(f"--marginal-layers must exceed --layers ({args.layers})")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
@@ -424,6 +485,7 @@ def main() -> None:
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     rows, headline, failures = [], {"layers": args.layers}, []
     for variant in variants:
+        measured: dict[int, tuple[dict, float]] = {}  # stage -> (ours' row, its FLOPs per timed step)
         model, processor = build_model(variant, args.layers, device, dtype, args.smoke)
         hf = None if args.no_baseline else baseline_model(model, device, dtype)
         for stage in stages:
@@ -499,17 +561,38 @@ def main() -> None:
                         headline[f"{key}_speedup_vs_baseline"] = round(
                             fast["tokens_per_s"] / baseline["tokens_per_s"], 3
                         )
-            if not args.smoke and fast is not None and fast["mfu"]:
-                # Projection: the full model's FLOPs over the curriculum at the measured MFU of ours.
-                per_sample = full_model_flops_per_sample(variant, stage, 512, seed=stage)
-                total = per_sample * CURRICULUM[stage]
-                for name, gpus, peak_gpu in (("8xA100", 8, 312.0), ("1xH100", 1, 989.4)):
-                    hours = total / (fast["mfu"] * peak_gpu * 1e12 * gpus) / 3600
-                    headline[f"{key}_projected_hours_{name}"] = round(hours, 2)
+            if fast is not None:
+                measured[stage] = (fast, _our_flops_per_step(ours, args.warmup, args.steps))
             del ours
         del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        for stage, (fast, flops) in measured.items():
+            key = f"{variant}_stage{stage}"
+            mfu = fast["mfu"]
+            if args.marginal_layers:
+                more = attempt(
+                    f"{key} ours with {args.marginal_layers} layers",
+                    functools.partial(
+                        measure_more_layers, variant, stage, args, device, dtype, peak, fast, flops
+                    ),
+                    failures,
+                )
+                if more is not None:
+                    rows.append({"variant": variant, "stage": stage, **more})
+                    headline[f"{key}_per_layer_ms"] = round(more["per_layer_ms"], 3)
+                    if more["mfu_full_model"] is not None:
+                        headline[f"{key}_per_layer_mfu"] = round(more["per_layer_mfu"], 4)
+                        headline[f"{key}_mfu_{FULL_LAYERS}_layers"] = round(more["mfu_full_model"], 4)
+                        mfu = more["mfu_full_model"]
+            if not args.smoke and mfu:
+                # Projection: the full model's FLOPs over the curriculum at the MFU of ours (the full
+                # model's, from the per-layer cost, where it was measured; else the measured model's).
+                per_sample = full_model_flops_per_sample(variant, stage, 512, seed=stage)
+                total = per_sample * CURRICULUM[stage]
+                for name, gpus, peak_gpu in (("8xA100", 8, 312.0), ("1xH100", 1, 989.4)):
+                    hours = total / (mfu * peak_gpu * 1e12 * gpus) / 3600
+                    headline[f"{key}_projected_hours_{name}"] = round(hours, 2)
     for name in ("8xA100", "1xH100"):
         parts = [headline.get(f"v0_stage{s}_projected_hours_{name}") for s in (1, 2)]
         if all(p is not None for p in parts):

@@ -65,9 +65,10 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   # With the kernel-by-kernel profile of one fwd+bwd step (a few seconds more): the projector's target
   # is a fraction of the GEMM rate, and the profile says where the rest goes.
   run 60 "bench_projector" $python benchmarks/bench_projector.py --profile
-  # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava.
+  # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava;
+  # ours again with 8 layers for the cost of one layer (the 32-layer model's MFU and the projection).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
-  run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --profile
+  run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 8 --profile
   # Serving needs fastapi, uvicorn and httpx, which a bare GPU image may lack, and it has no network: a
   # wheelhouse in .whl/ (ignored by git; send it along with the checkout) supplies them. Fill it with
   #   pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp \

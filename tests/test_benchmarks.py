@@ -18,12 +18,12 @@ CASES = {
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
     "bench_serve.py": (["--smoke"], {"requests_per_s_1", "ttft_ms_1", "requests_per_s_4", "ttft_ms_4"}),
     "bench_train_step.py": (
-        ["--smoke", "--profile"],
+        ["--smoke", "--profile", "--layers", "2", "--marginal-layers", "3"],
         {
             f"{v}_stage{s}_{k}"
             for v in ("v0", "v1.5")
             for s in (1, 2)
-            for k in ("tokens_per_s", "speedup_vs_baseline")
+            for k in ("tokens_per_s", "speedup_vs_baseline", "per_layer_ms")
         },
     ),
 }
