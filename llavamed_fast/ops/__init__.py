@@ -1,7 +1,8 @@
 """The op surface the model calls: one function per op, the backend chosen by the registry.
 
 ``varlen_attention``, ``projector`` and ``linear_cross_entropy`` are differentiable custom ops
-(``torch.ops.llavamed_fast.*``); ``packing`` is host-side bin packing for the collator. See
+(``torch.ops.llavamed_fast.*``); so are ``rms_norm`` and ``swiglu`` on their fast backends (their torch
+backend is the reference under autograd); ``packing`` is host-side bin packing for the collator. See
 ``registry.py`` for how a backend is chosen (``LLAVAMED_FAST_BACKEND=torch|triton|cuda`` and per-op
 ``LLAVAMED_FAST_BACKEND_<OP>``).
 """
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llavamed_fast.ops import _library, backends  # noqa: F401 (backends registers the implementations)
+from llavamed_fast.ops import _library, backends, reference  # noqa: F401 (backends registers the implementations)
 from llavamed_fast.ops.registry import (
     BACKENDS,
     REGISTRY,
@@ -30,6 +31,9 @@ __all__ = [
     "linear_cross_entropy",
     "packing",
     "projector",
+    "rms_norm",
+    "rotary",
+    "swiglu",
     "use_backend",
     "varlen_attention",
 ]
@@ -172,6 +176,68 @@ def linear_cross_entropy(
         hidden, weight, labels, int(ignore_index), reduction, needs, backend
     )
     return loss
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension, as transformers' LLaMA/Mistral/Qwen2 layers compute it.
+
+    Args:
+        x: ``[..., D]`` (float32/float16/bfloat16).
+        weight: ``[D]`` scale.
+        eps: added to the mean square.
+
+    Returns: ``weight * round(x / sqrt(mean(x ** 2) + eps))`` like ``x``, in ``promote(x.dtype, weight.dtype)``;
+    the normalized value is computed in float32 and rounded to ``x``'s dtype before the weight multiplies it.
+    """
+    _check(x.dim() >= 1 and weight.dim() == 1, "x must be [..., D] and weight [D]")
+    _check(x.shape[-1] == weight.shape[0], f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    backend = REGISTRY.resolve("rms_norm", x.device.type)
+    if backend == "torch":
+        return reference.rms_norm(x, weight, eps)
+    return _library.rms_norm_op(x, weight, float(eps), backend)[0]
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries and keys, as transformers' ``apply_rotary_pos_emb``.
+
+    Args:
+        q: ``[B, T, H, D]`` queries (any strides with a unit last stride: a projection's ``view``).
+        k: ``[B, T, H_kv, D]`` keys, same dtype.
+        cos, sin: ``[B, T, D]`` (or broadcastable over ``B``) for each token's position, in ``q``'s dtype.
+
+    Returns: ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, contiguous.
+    """
+    _check(q.dim() == 4 and k.dim() == 4, "q and k must be [batch, tokens, heads, head_dim]")
+    _check(
+        q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3],
+        f"q {tuple(q.shape)} and k {tuple(k.shape)} differ",
+    )
+    _check(q.dtype == k.dtype, f"q and k dtypes differ: {q.dtype}, {k.dtype}")
+    _check(
+        cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1:] == (q.shape[1], q.shape[3]),
+        f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [B, T, D] for q {tuple(q.shape)}",
+    )
+    backend = REGISTRY.resolve("rotary", q.device.type)
+    if backend == "torch":
+        return reference.rotary(q, k, cos, sin)
+    q_out, k_out = _library.rotary_op(q, k, cos.to(q.dtype), sin.to(q.dtype), backend)
+    return q_out, k_out
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the gated MLP activation), ``silu(gate)`` rounded to the input dtype first.
+
+    Args:
+        gate, up: the same shape and dtype.
+    """
+    _check(gate.shape == up.shape, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    _check(gate.dtype == up.dtype, f"gate and up dtypes differ: {gate.dtype}, {up.dtype}")
+    backend = REGISTRY.resolve("swiglu", gate.device.type)
+    if backend == "torch":
+        return reference.swiglu(gate, up)
+    return _library.swiglu_op(gate, up, backend)
 
 
 def packing(lengths: Sequence[int] | torch.Tensor, budget: int) -> torch.Tensor:

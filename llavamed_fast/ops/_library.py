@@ -246,3 +246,152 @@ linear_cross_entropy_op.register_autograd(
 
 class TorchLinearCrossEntropy:
     forward = staticmethod(reference.linear_cross_entropy_forward)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rms_norm: forward -> (y like x in promote(x, weight) dtype, rstd [N] float32, float64 for float64 inputs: 1/rms
+# of each of the N rows); backward -> (dx, dweight), dweight empty unless asked for. The torch backend does not
+# come through here: it is reference.rms_norm under autograd.
+
+
+@torch.library.custom_op("llavamed_fast::rms_norm", mutates_args=())
+def rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, rstd = _kernels("rms_norm", backend).forward(x, weight, eps)
+    return y, rstd
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps, backend):
+    compute = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(
+        rows, dtype=compute
+    )
+
+
+@torch.library.custom_op("llavamed_fast::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    needs_weight_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dweight = _kernels("rms_norm", backend).backward(dy, x, weight, rstd, needs_weight_grad)
+    return dx, _empty(weight) if dweight is None else dweight
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, needs_weight_grad, backend):
+    return torch.empty_like(x), torch.empty_like(weight) if needs_weight_grad else weight.new_empty(0)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _eps, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    if dy is None:  # only rstd was used: it is not differentiable
+        return None, None, None, None
+    x, weight, rstd = ctx.saved_tensors
+    needs_weight_grad = bool(ctx.needs_input_grad[1])
+    dx, dweight = rms_norm_backward_op(dy.contiguous(), x, weight, rstd, needs_weight_grad, ctx.backend)
+    return dx, dweight if needs_weight_grad else None, None, None
+
+
+rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# swiglu: forward -> silu(gate) * up; backward -> (dgate, dup). The torch backend is reference.swiglu under autograd.
+
+
+@torch.library.custom_op("llavamed_fast::swiglu", mutates_args=())
+def swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    return _kernels("swiglu", backend).forward(gate, up)
+
+
+@swiglu_op.register_fake
+def _(gate, up, backend):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("llavamed_fast::swiglu_backward", mutates_args=())
+def swiglu_backward_op(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dgate, dup = _kernels("swiglu", backend).backward(dout, gate, up)
+    return dgate, dup
+
+
+@swiglu_backward_op.register_fake
+def _(dout, gate, up, backend):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
+
+
+def _swiglu_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    dgate, dup = swiglu_backward_op(dout.contiguous(), gate, up, ctx.backend)
+    return dgate, dup, None
+
+
+swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rotary: forward -> (q_out, k_out) rotated like q [B, T, H, D] and k [B, T, H_kv, D], contiguous; backward -> (dq, dk),
+# the transposed rotation of the output gradients. cos and sin [B, T, D] take no gradient (transformers computes
+# them without one). The torch backend is reference.rotary under autograd.
+
+
+@torch.library.custom_op("llavamed_fast::rotary", mutates_args=())
+def rotary_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out, k_out = _kernels("rotary", backend).forward(q, k, cos, sin)
+    return q_out, k_out
+
+
+@rotary_op.register_fake
+def _(q, k, cos, sin, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("llavamed_fast::rotary_backward", mutates_args=())
+def rotary_backward_op(
+    dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dk = _kernels("rotary", backend).backward(dq_out, dk_out, cos, sin)
+    return dq, dk
+
+
+@rotary_backward_op.register_fake
+def _(dq_out, dk_out, cos, sin, backend):
+    return dq_out.new_empty(dq_out.shape), dk_out.new_empty(dk_out.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _q, _k, cos, sin, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backend = backend
+
+
+def _rotary_backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rotary_backward_op(dq_out, dk_out, cos, sin, ctx.backend)
+    return dq, dk, None, None, None
+
+
+rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)

@@ -67,6 +67,9 @@ def _reference_packing(lengths: torch.Tensor, budget: int) -> torch.Tensor:
 REGISTRY.define("varlen_attention", {"cpu": ("torch",), "cuda": ("triton", "torch")})
 REGISTRY.define("projector", {"cpu": ("torch",), "cuda": ("cuda", "torch")})
 REGISTRY.define("linear_cross_entropy", {"cpu": ("torch",), "cuda": ("triton", "torch")})
+REGISTRY.define("rms_norm", {"cpu": ("torch",), "cuda": ("triton", "torch")})
+REGISTRY.define("swiglu", {"cpu": ("torch",), "cuda": ("triton", "torch")})
+REGISTRY.define("rotary", {"cpu": ("torch",), "cuda": ("triton", "torch")})
 # Packing runs on the host whatever the training device. The compiled C++ packer is the only default: a
 # package whose extension does not load is broken and must say so, not slow down quietly.
 REGISTRY.define("packing", {"cpu": ("cuda",)})
@@ -113,6 +116,20 @@ REGISTRY.register(
         unavailable=lambda: _missing("triton"),
     ),
 )
+
+# The LLM layer's elementwise ops: the torch backend is the reference under autograd (the ops module
+# calls it directly); Triton fuses each into one pass forward and one backward.
+for _name, _kernel in (("rms_norm", "TritonRmsNorm"), ("swiglu", "TritonSwiglu"), ("rotary", "TritonRotary")):
+    REGISTRY.register(_name, Implementation("torch", _ANYWHERE, _load("llavamed_fast.ops.reference", _name)))
+    REGISTRY.register(
+        _name,
+        Implementation(
+            "triton",
+            _TRITON_DEVICES,
+            _load(f"llavamed_fast.kernels.{_name}", _kernel),
+            unavailable=lambda: _missing("triton"),
+        ),
+    )
 
 REGISTRY.register("packing", Implementation("torch", frozenset({"cpu"}), lambda: _reference_packing))
 REGISTRY.register(

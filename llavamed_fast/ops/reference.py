@@ -211,6 +211,37 @@ def linear_cross_entropy(
     return loss / supervised.sum().clamp(min=1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LLaMA/Mistral/Qwen2 RMSNorm: ``weight * round(x / rms(x))``, computed in float32
+    (float64 for float64 inputs) and rounded to the input dtype before the weight multiplies it.
+    Differentiated by autograd (the ``torch`` backend is this function itself)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(compute)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the activation of the LLaMA/Mistral/Qwen2 MLP, as transformers computes it.
+    Differentiated by autograd (the ``torch`` backend is this function itself)."""
+    return F.silu(gate) * up
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` on ``[B, T, H, D]`` queries and keys with ``[B, T, D]`` cos
+    and sin: ``x * cos + rotate_half(x) * sin``, ``rotate_half([x1, x2]) = [-x2, x1]``. Differentiated by
+    autograd (the ``torch`` backend is this function itself)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((-second, first), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 def packing(lengths: list[int], budget: int) -> list[int]:
     """First-fit-decreasing: the bin of each item, bins numbered in order of opening.
 
