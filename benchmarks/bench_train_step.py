@@ -195,7 +195,9 @@ def run_ours(model, steps, optimizer, *, reference_ops: bool, recompute: bool):
         if not reference_ops:
             return contextlib.nullcontext()
         return ops.use_backend(
-            **dict.fromkeys(("varlen_attention", "projector", "linear_cross_entropy"), "torch")
+            **dict.fromkeys(
+                ("varlen_attention", "projector", "linear_cross_entropy", "rms_norm", "swiglu"), "torch"
+            )
         )
 
     def one(step):
@@ -367,6 +369,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
                     ("attention", ("varlen_attention", "flash", "attn", "sdpa")),
                     ("cross_entropy", ("linear_cross_entropy", "cross_entropy")),
                     ("projector", ("projector",)),
+                    ("norm/swiglu", ("rms_norm", "swiglu")),
                     ("optimizer", ("adam", "multi_tensor")),
                     ("copy/memset", ("memcpy", "memset", "copy")),
                     ("reduce", ("reduce",)),

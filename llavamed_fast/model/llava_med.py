@@ -3,7 +3,8 @@
 Submodule names follow transformers' ``LlavaForConditionalGeneration`` (``vision_tower``,
 ``multi_modal_projector.linear_1/linear_2``, ``language_model``) so that checkpoints map one to one
 (see ``checkpoint.py``). The LLM is any transformers causal LM, used as is; its attention runs through
-``ops.varlen_attention`` (``attention.py``), the projector through ``ops.projector`` (written straight into
+``ops.varlen_attention`` (``attention.py``), the RMSNorms and gated-MLP activation of the families that
+have them through ``ops.rms_norm`` and ``ops.swiglu`` (``fused.py``), the projector through ``ops.projector`` (written straight into
 the packed embeddings) and the loss through ``ops.linear_cross_entropy`` (no full logits).
 """
 
@@ -18,7 +19,7 @@ from transformers import CLIPVisionModel, PreTrainedModel
 from llavamed_fast import ops
 from llavamed_fast.data.batch import PackedBatch
 from llavamed_fast.data.templates import IGNORE_INDEX
-from llavamed_fast.model import attention
+from llavamed_fast.model import attention, fused
 from llavamed_fast.model.config import ModelConfig, ProjectorType
 
 
@@ -80,6 +81,7 @@ class LlavaMed(nn.Module):
         )
         self.language_model = language_model
         self.language_model.set_attn_implementation(attention.register())
+        fused.fuse(self.language_model)  # RMSNorm and the MLP activation through ops (fused.py)
         self.vision_frozen = False
         self.set_vision_trainable(not config.freeze_vision)
 

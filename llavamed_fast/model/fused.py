@@ -1,0 +1,98 @@
+"""Routes a transformers LLM's RMSNorm, gated-MLP activation and rotary embedding to ``ops.rms_norm``,
+``ops.swiglu`` and ``ops.rotary``.
+
+transformers computes them eagerly: RMSNorm as six elementwise kernels and a reduction in float32, the
+MLP's ``silu(gate) * up`` as two, the rotation of queries and keys as about ten, each a trip through
+memory (a 7B layer at 16K tokens moves about 8 GB more than it needs to, a few milliseconds per layer
+per step on an H100). Only modules whose class is
+known to compute exactly what the op computes are changed, and only their ``forward`` (on the instance):
+parameters, names, checkpoints and every other module stay transformers' own. On a CPU the ops' default
+backend is their torch reference, which is transformers' formula itself.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from llavamed_fast import ops
+from llavamed_fast.model import attention
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
+"""``weight * (x / rms(x)).to(input dtype)`` in float32, ``eps`` in ``variance_epsilon``."""
+
+GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+"""``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; fused when ``act_fn`` is SiLU."""
+
+SILU = ("silu", "swish")
+
+ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
+"""q/k/v projections, ``apply_rotary_pos_emb``, the attention function, ``o_proj``: in packed training and
+prefill (our attention, no KV cache) the rotation runs through ``ops.rotary``; otherwise transformers'
+own forward runs."""
+
+
+def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if past_key_values is not None or self.config._attn_implementation != attention.ATTENTION_NAME:
+        return type(self).forward(
+            self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+    tokens = hidden_states.shape[:-1]
+    shape = (*tokens, -1, self.head_dim)
+    # [B, T, H, D] views of the projections: the layout the rotation and the attention op both take.
+    q = self.q_proj(hidden_states).view(shape)
+    k = self.k_proj(hidden_states).view(shape)
+    v = self.v_proj(hidden_states).view(shape)
+    q, k = ops.rotary(q, k, *position_embeddings)
+    # Qwen2 keeps each layer's window on the layer (None on full-attention layers), Mistral on the config.
+    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    out, _ = attention.varlen_attention_forward(
+        self,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        sliding_window=window,
+        **kwargs,
+    )
+    return self.o_proj(out.reshape(*tokens, -1)), None
+
+
+def fuse(language_model: nn.Module) -> dict[str, int]:
+    """Point the known RMSNorm and gated-MLP modules of ``language_model`` at the fused ops (idempotent).
+
+    Returns how many modules of each kind now use them, e.g. ``{"rms_norm": 65, "swiglu": 32, "rotary": 32}``
+    for a 32-layer LLaMA."""
+    hidden_act = getattr(getattr(language_model, "config", None), "hidden_act", None)
+    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    for module in language_model.modules():
+        kind = type(module).__name__
+        if kind in RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            counts["rms_norm"] += 1
+        elif kind in GATED_MLPS and hidden_act in SILU:
+            module.forward = types.MethodType(_gated_mlp_forward, module)
+            counts["swiglu"] += 1
+        elif kind in ATTENTIONS:
+            module.forward = types.MethodType(_attention_forward, module)
+            counts["rotary"] += 1
+    return counts
