@@ -59,7 +59,7 @@ if [[ " $stages " == *" tests "* ]]; then
 fi
 
 if [[ " $stages " == *" benchmarks "* ]]; then
-  for bench in varlen_attention linear_cross_entropy; do
+  for bench in varlen_attention linear_cross_entropy llm_layer_ops; do
     run 60 "bench_$bench" $python benchmarks/bench_$bench.py
   done
   # With the kernel-by-kernel profile of one fwd+bwd step (a few seconds more): the projector's target

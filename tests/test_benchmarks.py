@@ -14,6 +14,10 @@ CASES = {
     "bench_packing.py": (["--samples", "3000"], {"packed_real_fraction", "padded_real_fraction"}),
     "bench_varlen_attention.py": (["--smoke"], {"fwd_bwd_vs_best_peer", "best_peer", "device", "commit"}),
     "bench_linear_cross_entropy.py": (["--smoke"], {"speedup_vs_eager", "memory_vs_eager"}),
+    "bench_llm_layer_ops.py": (
+        ["--smoke"],
+        {"rms_norm_speedup", "swiglu_speedup", "rotary_speedup", "layer_ms_saved"},
+    ),
     "bench_projector.py": (["--smoke"], {"fraction_of_gemm_rate", "measured_gemm_tflops"}),
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),
     "bench_serve.py": (["--smoke"], {"requests_per_s_1", "ttft_ms_1", "requests_per_s_4", "ttft_ms_4"}),
