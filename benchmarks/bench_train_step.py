@@ -15,8 +15,9 @@ conversation), the image-token count of each model swapped in.
 - **ours**: packed rows (no padding) through ``LlavaMed`` and our ops; **ours (reference ops)**: the same
   with every op on its torch reference, so the kernels' share of the gain is visible.
 
-Each configuration takes the same samples, in the same order, for ``--steps`` timed optimizer steps after
-``--warmup`` (CUDA events). Tokens/s counts real tokens only. MFU is model FLOPs
+Each configuration takes the same samples, in the same order: after ``--warmup`` optimizer steps, whole passes
+through the rows (ours) or padded batches (the baseline), at least ``--steps`` steps, are timed, and
+tokens/s is their real tokens over their time. Tokens/s counts real tokens only. MFU is model FLOPs
 (``llavamed_fast.train.flops.batch_flops``: 4N per token when the LLM is frozen, 6N when it trains, plus
 the head on supervised tokens, attention and the vision tower; padding and recompute earn nothing) over
 the time and the device's dense bf16 peak. With ``--marginal-layers M`` ours is timed again with M layers:
@@ -287,21 +288,19 @@ def _baseline_flops(step, per_token: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_steps(one, steps, warmup: int, timed: int, device) -> float:
-    """Seconds per optimizer step (median over ``timed`` steps, cycling through ``steps``)."""
+def time_steps(one, steps, warmup: int, timed: int, device) -> list[float]:
+    """Seconds of each of ``timed`` optimizer steps after ``warmup``, cycling through ``steps``."""
     for i in range(warmup):
         one(steps[i % len(steps)])
     times = []
     for i in range(timed):
         step = steps[(warmup + i) % len(steps)]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         begin = time.perf_counter()
         one(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - begin)
-    return float(np.median(times))
+    return times
 
 
 def attempt(name: str, measure_it, failures: list[str]) -> dict | None:
@@ -323,16 +322,21 @@ def attempt(name: str, measure_it, failures: list[str]) -> dict | None:
 
 
 def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) -> dict:
+    """Tokens/s and MFU over whole passes through ``steps``: every row (ours) or padded batch (the
+    baseline) is timed equally often, so both configurations are measured on the whole sample set, and
+    rates are totals over totals (steps differ in size; a median of step times would weigh them wrongly)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(one, steps, warmup, timed, device)
-    # Per-step averages over the steps actually timed (they cycle through the list).
+    timed = -(-timed // len(steps)) * len(steps)  # whole passes: every step equally often
+    times = time_steps(one, steps, warmup, timed, device)
     chosen = [steps[(warmup + i) % len(steps)] for i in range(timed)]
-    tokens = float(np.mean([tokens_of(s) for s in chosen]))
-    flops = float(np.mean([flops_of(s) for s in chosen]))
+    seconds, tokens = sum(times), sum(tokens_of(s) for s in chosen)
+    flops = float(sum(flops_of(s) for s in chosen))
     out = {
         "config": name,
-        "step_s": seconds,
+        "steps": timed,
+        "step_s": seconds / timed,
+        "flops_per_step": flops / timed,
         "tokens_per_s": tokens / seconds,
         "tflops": flops / seconds / 1e12,
         "mfu": (flops / seconds / 1e12) / peak if peak else None,
@@ -392,12 +396,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
     }
 
 
-def _our_flops_per_step(steps, warmup: int, timed: int) -> float:
-    """Mean model FLOPs of the steps that ``measure`` timed (it cycles through the list)."""
-    return float(np.mean([_our_flops(steps[(warmup + i) % len(steps)]) for i in range(timed)]))
-
-
-def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict, flops: float) -> dict:
+def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict) -> dict:
     """Ours again with ``--marginal-layers`` LLM layers on the same samples and rows.
 
     One more layer costs ``(t_M - t_L) / (M - L)`` seconds and ``(F_M - F_L) / (M - L)`` FLOPs per step:
@@ -411,7 +410,7 @@ def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict, f
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
     row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
     extra = args.marginal_layers - args.layers
-    flops_more = _our_flops_per_step(steps, args.warmup, args.steps)
+    flops, flops_more = fast["flops_per_step"], row["flops_per_step"]
     del model, opt, one, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -488,7 +487,7 @@ def main() -> None:
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     rows, headline, failures = [], {"layers": args.layers}, []
     for variant in variants:
-        measured: dict[int, tuple[dict, float]] = {}  # stage -> (ours' row, its FLOPs per timed step)
+        measured: dict[int, dict] = {}  # stage -> ours' row
         model, processor = build_model(variant, args.layers, device, dtype, args.smoke)
         hf = None if args.no_baseline else baseline_model(model, device, dtype)
         for stage in stages:
@@ -565,20 +564,18 @@ def main() -> None:
                             fast["tokens_per_s"] / baseline["tokens_per_s"], 3
                         )
             if fast is not None:
-                measured[stage] = (fast, _our_flops_per_step(ours, args.warmup, args.steps))
+                measured[stage] = fast
             del ours
         del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        for stage, (fast, flops) in measured.items():
+        for stage, fast in measured.items():
             key = f"{variant}_stage{stage}"
             mfu = fast["mfu"]
             if args.marginal_layers:
                 more = attempt(
                     f"{key} ours with {args.marginal_layers} layers",
-                    functools.partial(
-                        measure_more_layers, variant, stage, args, device, dtype, peak, fast, flops
-                    ),
+                    functools.partial(measure_more_layers, variant, stage, args, device, dtype, peak, fast),
                     failures,
                 )
                 if more is not None:
