@@ -8,6 +8,11 @@ per step on an H100). Only modules whose class is
 known to compute exactly what the op computes are changed, and only their ``forward`` (on the instance):
 parameters, names, checkpoints and every other module stay transformers' own. On a CPU the ops' default
 backend is their torch reference, which is transformers' formula itself.
+
+The fused forwards run where autograd records (training), the case they were built and measured for:
+there the saved passes are over whole packed rows, forward and backward. Without gradients (evaluation,
+serving) transformers' own forwards run: decode steps are a few tokens each, launch-bound rather than
+bandwidth-bound, and serving's numbers were measured on them.
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ own forward runs."""
 
 
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, hidden_states)
     return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, x)
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -50,7 +59,11 @@ def _attention_forward(
     past_key_values=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if past_key_values is not None or self.config._attn_implementation != attention.ATTENTION_NAME:
+    if (
+        past_key_values is not None
+        or self.config._attn_implementation != attention.ATTENTION_NAME
+        or not torch.is_grad_enabled()
+    ):
         return type(self).forward(
             self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
         )

@@ -119,6 +119,20 @@ def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
     assert "TritonRotary.forward" not in calls and calls["TritonSwiglu.forward"] == TINY["num_hidden_layers"]
 
 
+def test_without_gradients_transformers_forwards_run(monkeypatch):
+    calls = _counted_kernels(monkeypatch)
+    plain = _model("mistral")
+    fast = copy.deepcopy(plain)
+    fast.set_attn_implementation(attention.register())
+    fused.fuse(fast)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), ops.use_backend(rms_norm="triton", swiglu="triton", rotary="triton"):
+        got = fast(input_ids=ids, use_cache=False).logits
+        want = plain(input_ids=ids, use_cache=False).logits
+    assert calls == {}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_other_activations_and_norms_are_left_alone():
     # Gemma's norm scales by (1 + weight) and its MLP is GELU-gated: neither is what the ops compute.
     gemma = _model("gemma", head_dim=16)
