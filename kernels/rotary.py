@@ -31,22 +31,22 @@ def _rotate_heads(
     y_token_stride,
     y_head_stride,
     n_heads,
+    half,
     c1,
     c2,
     s1,
     s2,
     BACKWARD: tl.constexpr,
-    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)[:, None]
-    cols = tl.arange(0, HALF)[None, :]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
     for first in range(0, n_heads, BLOCK_H):
-        mask = (first + heads) < n_heads
+        mask = ((first + heads) < n_heads) & (cols < half)
         x_at = x_ptr + token * x_token_stride + (first + heads) * x_head_stride + cols
-        x1_raw = tl.load(x_at, mask=mask, other=0.0)
-        x1 = x1_raw.to(c1.dtype)
-        x2 = tl.load(x_at + HALF, mask=mask, other=0.0).to(c1.dtype)
+        x1 = tl.load(x_at, mask=mask, other=0.0).to(c1.dtype)
+        x2 = tl.load(x_at + half, mask=mask, other=0.0).to(c1.dtype)
         if BACKWARD:  # the transposed rotation
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
@@ -55,7 +55,7 @@ def _rotate_heads(
             y2 = x2 * c2 + x1 * s2
         y_at = y_ptr + token * y_token_stride + (first + heads) * y_head_stride + cols
         tl.store(y_at, y1.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_at + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_at + half, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,27 +73,29 @@ def _rotary_kernel(
     cs_token_stride,
     q_heads,
     k_heads,
+    half,
     COMPUTE: tl.constexpr,
     BACKWARD: tl.constexpr,
-    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Token ``program_id(0)`` (of the flattened ``B * T``): every query head, then every key head.
-    The outputs are contiguous ``[B * T, heads, 2 * HALF]``."""
+    The outputs are contiguous ``[B * T, heads, 2 * half]``."""
     token = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, HALF)[None, :]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    in_half = cols < half
     at = token * cs_token_stride + cols
-    c1 = tl.load(cos_ptr + at).to(COMPUTE)
-    c2 = tl.load(cos_ptr + at + HALF).to(COMPUTE)
-    s1 = tl.load(sin_ptr + at).to(COMPUTE)
-    s2 = tl.load(sin_ptr + at + HALF).to(COMPUTE)
+    c1 = tl.load(cos_ptr + at, mask=in_half, other=0.0).to(COMPUTE)
+    c2 = tl.load(cos_ptr + at + half, mask=in_half, other=0.0).to(COMPUTE)
+    s1 = tl.load(sin_ptr + at, mask=in_half, other=0.0).to(COMPUTE)
+    s2 = tl.load(sin_ptr + at + half, mask=in_half, other=0.0).to(COMPUTE)
     _rotate_heads(
-        q_ptr, q_out_ptr, token, q_token_stride, q_head_stride, q_heads * 2 * HALF, 2 * HALF,
-        q_heads, c1, c2, s1, s2, BACKWARD, HALF, BLOCK_H,
+        q_ptr, q_out_ptr, token, q_token_stride, q_head_stride, q_heads * 2 * half, 2 * half,
+        q_heads, half, c1, c2, s1, s2, BACKWARD, BLOCK_HALF, BLOCK_H,
     )  # fmt: skip
     _rotate_heads(
-        k_ptr, k_out_ptr, token, k_token_stride, k_head_stride, k_heads * 2 * HALF, 2 * HALF,
-        k_heads, c1, c2, s1, s2, BACKWARD, HALF, BLOCK_H,
+        k_ptr, k_out_ptr, token, k_token_stride, k_head_stride, k_heads * 2 * half, 2 * half,
+        k_heads, half, c1, c2, s1, s2, BACKWARD, BLOCK_HALF, BLOCK_H,
     )  # fmt: skip
 
 
@@ -111,8 +113,8 @@ def _rotate(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]
     if q.dtype not in _FLOATS or k.dtype != q.dtype:
         raise TypeError(f"rotary takes q and k of one floating dtype, got {q.dtype} and {k.dtype}")
     head_dim = q.shape[-1]
-    if head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"the Triton rotary kernel takes power-of-two head dims, got {head_dim}")
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head dim, got {head_dim}")
     qt, kt = _tokens(q), _tokens(k)
     cs_shape = (qt.shape[0], head_dim)
     cos_t = cos.expand(*q.shape[:-2], head_dim).reshape(cs_shape)
@@ -126,8 +128,8 @@ def _rotate(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]
         _rotary_kernel[(qt.shape[0],)](
             qt, kt, cos_t, sin_t, q_out, k_out,
             qt.stride(0), qt.stride(1), kt.stride(0), kt.stride(1), cos_t.stride(0),
-            qt.shape[1], kt.shape[1],
-            COMPUTE=compute, BACKWARD=backward, HALF=head_dim // 2,
+            qt.shape[1], kt.shape[1], head_dim // 2,
+            COMPUTE=compute, BACKWARD=backward, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             BLOCK_H=min(8, triton.next_power_of_2(qt.shape[1])), num_warps=4,
         )  # fmt: skip
     return q_out, k_out

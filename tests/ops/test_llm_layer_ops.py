@@ -205,7 +205,9 @@ def _assert_rotary_like_oracle(q, k, cos, sin):
 
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 19, 4, 4, 16), (2, 5, 6, 2, 32), (1, 3, 12, 1, 8)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 19, 4, 4, 16), (2, 5, 6, 2, 32), (1, 3, 12, 1, 8), (1, 6, 3, 1, 20)], ids=str
+)
 def test_rotary_matches_float64_oracle(dtype, shape):
     _assert_rotary_like_oracle(*_rotary_inputs(*shape, dtype, seed=shape[2]))
 

@@ -78,12 +78,13 @@ def _kernels(dt: str):
                 "cs_token_stride": "i32",
                 "q_heads": "i32",
                 "k_heads": "i32",
+                "half": "i32",
                 "COMPUTE": "constexpr",
                 "BACKWARD": "constexpr",
-                "HALF": "constexpr",
+                "BLOCK_HALF": "constexpr",
                 "BLOCK_H": "constexpr",
             },
-            {"COMPUTE": triton.language.float32, "BACKWARD": backward, "HALF": 64, "BLOCK_H": 8},
+            {"COMPUTE": triton.language.float32, "BACKWARD": backward, "BLOCK_HALF": 64, "BLOCK_H": 8},
         )
     yield (
         swiglu._swiglu_forward_kernel,
