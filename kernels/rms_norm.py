@@ -8,7 +8,8 @@ Here the forward reads a row, reduces it and writes the output and the row's ``1
 row); the backward reads the input, the output gradient and ``1/rms`` and writes the input gradient.
 
 Rounding follows transformers: the normalized row is rounded to the input dtype before the weight
-multiplies it, so the output matches it to the last bit up to the order of the sum of squares. The weight
+multiplies it, so the output matches it up to the order of the sum of squares and the ulp or two of
+the reciprocal square root. The weight
 gradient is summed in float32 per program over a contiguous block of rows (``[programs, D]`` partials),
 then the partials are added in a fixed order: deterministic, no atomics.
 """
@@ -94,6 +95,11 @@ def _rms_norm_backward_kernel(
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
+def _warps(block: int) -> int:
+    """Warps for a row of ``block`` columns: 8 values a thread in the forward's one-row programs."""
+    return min(16, max(1, block // 256))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``[..., D]`` as ``[N, D]`` with unit column stride (a view where it can be one)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -127,7 +133,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
             rows.shape[1],
             float(eps),
             BLOCK_D=block,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=_warps(block),
         )
     return y, rstd
 
@@ -169,7 +175,7 @@ def rms_norm_backward(
             n_cols,
             NEEDS_DW=needs_weight_grad,
             BLOCK_D=block,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=_warps(block),
         )
     if not needs_weight_grad:
         return dx, None

@@ -9,7 +9,8 @@ gradients the same way.
 
 With ``x = [x1, x2]`` (the two halves of a head), ``cos = [c1, c2]`` and ``sin = [s1, s2]``:
 ``y1 = x1 c1 - x2 s1`` and ``y2 = x2 c2 + x1 s2``; the backward is ``dx1 = dy1 c1 + dy2 s2`` and
-``dx2 = dy2 c2 - dy1 s1``. Computed in float32 with one rounding (transformers rounds each product).
+``dx2 = dy2 c2 - dy1 s1``. Computed in float32 with one rounding to ``q``'s dtype (transformers rounds
+each product); cos and sin are read in their own dtype (float32 under autocast).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _rotate_heads(
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     for first in range(0, n_heads, BLOCK_H):
-        mask = ((first + heads) < n_heads) & (cols < half)
-        x_at = x_ptr + token * x_token_stride + (first + heads) * x_head_stride + cols
+        head = (first + heads).to(tl.int64)  # heads-first inputs: head strides of T * D
+        mask = (head < n_heads) & (cols < half)
+        x_at = x_ptr + token * x_token_stride + head * x_head_stride + cols
         x1 = tl.load(x_at, mask=mask, other=0.0).to(c1.dtype)
         x2 = tl.load(x_at + half, mask=mask, other=0.0).to(c1.dtype)
         if BACKWARD:  # the transposed rotation
@@ -53,7 +55,7 @@ def _rotate_heads(
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
-        y_at = y_ptr + token * y_token_stride + (first + heads) * y_head_stride + cols
+        y_at = y_ptr + token * y_token_stride + head * y_head_stride + cols
         tl.store(y_at, y1.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(y_at + half, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -110,8 +112,11 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dtype not in _FLOATS or k.dtype != q.dtype:
-        raise TypeError(f"rotary takes q and k of one floating dtype, got {q.dtype} and {k.dtype}")
+    if q.dtype not in _FLOATS or k.dtype != q.dtype or cos.dtype not in _FLOATS or sin.dtype != cos.dtype:
+        raise TypeError(
+            f"rotary takes q and k of one floating dtype and cos and sin of one, got {q.dtype}, {k.dtype}, "
+            f"{cos.dtype}, {sin.dtype}"
+        )
     head_dim = q.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head dim, got {head_dim}")
@@ -124,7 +129,7 @@ def _rotate(q, k, cos, sin, backward: bool) -> tuple[torch.Tensor, torch.Tensor]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if qt.shape[0]:
-        compute = tl.float64 if q.dtype == torch.float64 else tl.float32
+        compute = tl.float64 if torch.float64 in (q.dtype, cos.dtype) else tl.float32
         _rotary_kernel[(qt.shape[0],)](
             qt, kt, cos_t, sin_t, q_out, k_out,
             qt.stride(0), qt.stride(1), kt.stride(0), kt.stride(1), cos_t.stride(0),

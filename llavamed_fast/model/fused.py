@@ -95,14 +95,13 @@ def fuse(language_model: nn.Module) -> dict[str, int]:
 
     Returns how many modules of each kind now use them, e.g. ``{"rms_norm": 65, "swiglu": 32, "rotary": 32}``
     for a 32-layer LLaMA."""
-    hidden_act = getattr(getattr(language_model, "config", None), "hidden_act", None)
     counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
     for module in language_model.modules():
         kind = type(module).__name__
         if kind in RMS_NORMS and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm_forward, module)
             counts["rms_norm"] += 1
-        elif kind in GATED_MLPS and hidden_act in SILU:
+        elif kind in GATED_MLPS and getattr(getattr(module, "config", None), "hidden_act", None) in SILU:
             module.forward = types.MethodType(_gated_mlp_forward, module)
             counts["swiglu"] += 1
         elif kind in ATTENTIONS:

@@ -79,6 +79,11 @@ def varlen_attention(
     _check(
         q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     )
+    if torch.is_autocast_enabled(q.device.type):
+        # As autocast runs SDPA: in its lower precision. (Under autocast transformers hands over q and k
+        # in float32, rotated with float32 cos/sin, and v in the autocast dtype.)
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(low), k.to(low), v.to(low)
     _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
     _check(
@@ -205,9 +210,11 @@ def rotary(
     Args:
         q: ``[B, T, H, D]`` queries (any strides with a unit last stride: a projection's ``view``).
         k: ``[B, T, H_kv, D]`` keys, same dtype.
-        cos, sin: ``[B, T, D]`` (or broadcastable over ``B``) for each token's position, in ``q``'s dtype.
+        cos, sin: ``[B, T, D]`` (or broadcastable over ``B``) for each token's position, one dtype (under
+            autocast transformers gives float32 ones for bf16 projections: they are used as they are).
 
-    Returns: ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, contiguous.
+    Returns: ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)`` in ``q``'s dtype,
+    computed in float32 at least and rounded once; contiguous.
     """
     _check(q.dim() == 4 and k.dim() == 4, "q and k must be [batch, tokens, heads, head_dim]")
     _check(
@@ -219,10 +226,11 @@ def rotary(
         cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1:] == (q.shape[1], q.shape[3]),
         f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [B, T, D] for q {tuple(q.shape)}",
     )
+    _check(cos.dtype == sin.dtype, f"cos and sin dtypes differ: {cos.dtype}, {sin.dtype}")
     backend = REGISTRY.resolve("rotary", q.device.type)
     if backend == "torch":
         return reference.rotary(q, k, cos, sin)
-    q_out, k_out = _library.rotary_op(q, k, cos.to(q.dtype), sin.to(q.dtype), backend)
+    q_out, k_out = _library.rotary_op(q, k, cos, sin, backend)
     return q_out, k_out
 
 

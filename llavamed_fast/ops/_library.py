@@ -286,7 +286,7 @@ def rms_norm_backward_op(
 
 @rms_norm_backward_op.register_fake
 def _(dy, x, weight, rstd, needs_weight_grad, backend):
-    return torch.empty_like(x), torch.empty_like(weight) if needs_weight_grad else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if needs_weight_grad else (0,))
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -319,7 +319,7 @@ def swiglu_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tenso
 
 @swiglu_op.register_fake
 def _(gate, up, backend):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)  # contiguous, as the kernels write it
 
 
 @torch.library.custom_op("llavamed_fast::swiglu_backward", mutates_args=())
@@ -332,7 +332,7 @@ def swiglu_backward_op(
 
 @swiglu_backward_op.register_fake
 def _(dout, gate, up, backend):
-    return torch.empty_like(gate), torch.empty_like(up)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _swiglu_setup(ctx, inputs, output):

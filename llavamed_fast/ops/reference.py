@@ -231,15 +231,19 @@ def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb`` on ``[B, T, H, D]`` queries and keys with ``[B, T, D]`` cos
-    and sin: ``x * cos + rotate_half(x) * sin``, ``rotate_half([x1, x2]) = [-x2, x1]``. Differentiated by
-    autograd (the ``torch`` backend is this function itself)."""
+    and sin: ``x * cos + rotate_half(x) * sin``, ``rotate_half([x1, x2]) = [-x2, x1]``, returned in the
+    input's dtype (float32 cos/sin with bf16 q, as under autocast, compute in float32 first).
+    Differentiated by autograd (the ``torch`` backend is this function itself)."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
         first, second = x.chunk(2, dim=-1)
         return torch.cat((-second, first), dim=-1)
 
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+    return rotate(q), rotate(k)
 
 
 def packing(lengths: list[int], budget: int) -> list[int]:

@@ -225,6 +225,26 @@ def test_rotary_takes_transposed_views_and_broadcast_positions():
 
 
 @interpreter
+def test_rotary_with_float32_cos_sin_returns_the_input_dtype():
+    # Under autocast transformers gives float32 cos/sin for half-precision projections.
+    q, k, cos, sin = _rotary_inputs(1, 9, 4, 2, 16, torch.float16, seed=5)
+    cos32, sin32 = cos.float(), sin.float()
+    for fn in (_triton_rotary, reference.rotary):
+        out_q, out_k = fn(q.detach(), k.detach(), cos32, sin32)
+        assert out_q.dtype == out_k.dtype == torch.float16
+    _assert_like_oracle(
+        lambda a: _triton_rotary(a, k.detach().to(a.dtype), cos32, sin32)[0],
+        lambda a: reference.rotary(
+            a,
+            k.detach().to(a.dtype),
+            cos32.to(torch.promote_types(a.dtype, cos32.dtype)),
+            sin32.to(torch.promote_types(a.dtype, cos32.dtype)),
+        )[0],
+        [q],
+    )
+
+
+@interpreter
 def test_rotary_passes_opcheck():
     q, k, cos, sin = _rotary_inputs(1, 5, 2, 1, 8, torch.float32, seed=3)
     opcheck(_library.rotary_op, (q, k, cos, sin, "triton"))

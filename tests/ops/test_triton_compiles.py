@@ -24,22 +24,27 @@ TARGETS = [(90, "bf16"), (90, "fp16"), (90, "fp32"), (80, "bf16")]
 
 
 def _kernels(dt: str):
-    """(kernel, signature, constexprs) as the launchers call them for ``dt`` inputs (LLaMA-7B widths)."""
-    yield (
-        rms_norm._rms_norm_forward_kernel,
-        {
-            "x_ptr": f"*{dt}",
-            "w_ptr": f"*{dt}",
-            "y_ptr": f"*{dt}",
-            "rstd_ptr": "*fp32",
-            "n_cols": "i32",
-            "x_stride": "i32",
-            "y_stride": "i32",
-            "eps": "fp32",
-            "BLOCK_D": "constexpr",
-        },
-        {"BLOCK_D": 4096},
-    )
+    """(kernel, signature, constexprs, options) as the launchers call them for ``dt`` inputs (LLaMA-7B
+    widths), with the launchers' warp counts."""
+    norm_warps = {"num_warps": rms_norm._warps(4096)}
+    # The weight in the input dtype, and (half precision) a float32 weight with a float32 output.
+    for w, y in {(dt, dt), ("fp32", "fp32")}:
+        yield (
+            rms_norm._rms_norm_forward_kernel,
+            {
+                "x_ptr": f"*{dt}",
+                "w_ptr": f"*{w}",
+                "y_ptr": f"*{y}",
+                "rstd_ptr": "*fp32",
+                "n_cols": "i32",
+                "x_stride": "i32",
+                "y_stride": "i32",
+                "eps": "fp32",
+                "BLOCK_D": "constexpr",
+            },
+            {"BLOCK_D": 4096},
+            norm_warps,
+        )
     for needs_dw in (True, False):
         yield (
             rms_norm._rms_norm_backward_kernel,
@@ -60,6 +65,7 @@ def _kernels(dt: str):
                 "BLOCK_D": "constexpr",
             },
             {"NEEDS_DW": needs_dw, "BLOCK_D": 4096},
+            norm_warps,
         )
     for backward in (False, True):
         yield (
@@ -85,11 +91,13 @@ def _kernels(dt: str):
                 "BLOCK_H": "constexpr",
             },
             {"COMPUTE": triton.language.float32, "BACKWARD": backward, "BLOCK_HALF": 64, "BLOCK_H": 8},
+            {"num_warps": 4},
         )
     yield (
         swiglu._swiglu_forward_kernel,
         {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}", "n": "i32", "BLOCK": "constexpr"},
         {"BLOCK": swiglu._BLOCK},
+        {"num_warps": 4},
     )
     yield (
         swiglu._swiglu_backward_kernel,
@@ -103,6 +111,7 @@ def _kernels(dt: str):
             "BLOCK": "constexpr",
         },
         {"BLOCK": swiglu._BLOCK},
+        {"num_warps": 4},
     )
 
 
@@ -110,11 +119,11 @@ def compile_all(arch: int, dtype: str) -> None:
     """Compile every kernel for ``sm_<arch>``; run in a process without ``TRITON_INTERPRET=1`` (the
     interpreter replaces ``@triton.jit`` kernels and patches ``triton.language`` for the whole process)."""
     target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs in _kernels(dtype):
+    for kernel, signature, constexprs, options in _kernels(dtype):
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=target)
+        compiled = triton.compile(source, target=target, options=options)
         assert compiled.asm.get("cubin"), f"{kernel.__name__} for sm_{arch} {dtype}: no cubin"
-        print(f"{kernel.__name__} {sorted(constexprs.items())}: sm_{arch} {dtype} ok")
+        print(f"{kernel.__name__} {sorted(constexprs.items())} {signature}: sm_{arch} {dtype} ok")
 
 
 @pytest.mark.parametrize(("arch", "dtype"), TARGETS, ids=[f"sm{a}-{d}" for a, d in TARGETS])
