@@ -44,6 +44,17 @@ def backend_for(op: str, device: torch.device | str) -> str:
     return REGISTRY.resolve(op, torch.device(device).type)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The lower precision autocast runs matmuls in here, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _without_autocast(device_type: str):
+    # An op's own matmuls (the references', the extension's) must not be recast inside it: the op already
+    # took its inputs in the precision autocast would have chosen for it.
+    return torch.autocast(device_type, enabled=False)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -79,10 +90,10 @@ def varlen_attention(
     _check(
         q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     )
-    if torch.is_autocast_enabled(q.device.type):
+    low = _autocast_dtype(q.device.type)
+    if low is not None:
         # As autocast runs SDPA: in its lower precision. (Under autocast transformers hands over q and k
         # in float32, rotated with float32 cos/sin, and v in the autocast dtype.)
-        low = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(low), k.to(low), v.to(low)
     _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     _check(cu_seqlens.dtype == torch.int32, f"cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
@@ -92,7 +103,10 @@ def varlen_attention(
     _check(cu_seqlens.device == q.device, f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     backend = REGISTRY.resolve("varlen_attention", q.device.type)
-    out, _ = _library.varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale, backend)
+    with _without_autocast(q.device.type):
+        out, _ = _library.varlen_attention_op(
+            q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale, backend
+        )
     return out
 
 
@@ -142,7 +156,10 @@ def projector(
         )
         _check(image_offsets.dtype == torch.int64, f"image_offsets must be int64, got {image_offsets.dtype}")
     backend = REGISTRY.resolve("projector", x.device.type)
-    return _library.projector_op(x, w1, b1, w2, b2, embeds, image_offsets, backend)[0]
+    # In the inputs' own precision under autocast too: its output is written into the embeddings, whose
+    # dtype the weights share (a small GEMM next to the LLM's).
+    with _without_autocast(x.device.type):
+        return _library.projector_op(x, w1, b1, w2, b2, embeds, image_offsets, backend)[0]
 
 
 def linear_cross_entropy(
@@ -173,13 +190,19 @@ def linear_cross_entropy(
     )
     _check(labels.dtype == torch.int64, f"labels must be int64, got {labels.dtype}")
     _check(reduction in ("mean", "sum"), f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    low = _autocast_dtype(hidden.device.type)
+    if low is not None:
+        # The LM head is a matmul, which autocast runs in its lower precision (float32 weights under
+        # autocast would otherwise make the vocabulary GEMMs float32); the loss stays float32.
+        hidden, weight = hidden.to(low), weight.to(low)
     backend = REGISTRY.resolve("linear_cross_entropy", hidden.device.type)
     # Gradients are computed in the loss's own pass, and only those that autograd will ask for.
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad]
-    loss, *_ = _library.linear_cross_entropy_op(
-        hidden, weight, labels, int(ignore_index), reduction, needs, backend
-    )
+    with _without_autocast(hidden.device.type):
+        loss, *_ = _library.linear_cross_entropy_op(
+            hidden, weight, labels, int(ignore_index), reduction, needs, backend
+        )
     return loss
 
 

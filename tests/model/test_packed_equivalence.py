@@ -122,3 +122,24 @@ def test_attention_goes_through_the_op_registry(data_dir, tmp_path):
         pytest.raises(BackendUnavailableError, match="linear_cross"),
     ):
         model(batch)
+
+
+@pytest.mark.parametrize("preset", ["tiny-v0", "tiny-v1.5"])
+def test_float32_weights_train_under_autocast(preset, data_dir, tmp_path):
+    # The plain engine on a GPU: float32 weights, autocast to bf16. transformers then hands attention
+    # float32 q/k (rotated with float32 cos/sin) and a bf16 v; the loss's head runs in bf16.
+    model, processor = build(preset, seed=4)
+    (tmp_path / "data.json").write_text(json.dumps(vqa_rad_conversations(data_dir, count=2, turns=2)))
+    dataset = LlavaJsonDataset(tmp_path / "data.json", data_dir / "vqa-rad" / "images", processor)
+    batch = collate([dataset[0], dataset[1]])
+    model.train()
+    full_loss, full_grads = loss_and_grads(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_loss, low_grads = loss_and_grads(model, batch)
+    assert low_loss.dtype == torch.float32
+    torch.testing.assert_close(low_loss, full_loss, rtol=2e-2, atol=0)
+    for name, grad in low_grads.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        # bf16 matmuls: each gradient points the same way as the float32 one.
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), full_grads[name].flatten(), dim=0)
+        assert cosine > 0.95, (name, cosine.item())

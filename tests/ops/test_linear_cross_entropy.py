@@ -305,6 +305,25 @@ def test_rejects_bad_arguments():
         forward(hidden, weight, labels, IGNORE, "none", [True, True])
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_autocast_runs_the_head_in_its_lower_precision(backend):
+    # float32 weights under autocast (the plain engine on a GPU): as autocast runs a matmul.
+    hidden, weight, labels = _inputs(40, 16, 90, torch.float32, 0.5, seed=14)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with ops.use_backend(linear_cross_entropy=backend):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ops.linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        h16, w16 = hidden.detach().half().requires_grad_(), weight.detach().half().requires_grad_()
+        want = ops.linear_cross_entropy(h16, w16, labels, ignore_index=IGNORE)
+        want_grads = torch.autograd.grad(want, (h16, w16))
+    assert loss.dtype == torch.float32 and [g.dtype for g in grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(loss, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected.float())
+
+
 @interpreter
 def test_passes_opcheck():
     torch.manual_seed(6)
