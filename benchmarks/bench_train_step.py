@@ -373,7 +373,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
                     ("attention", ("varlen_attention", "flash", "attn", "sdpa")),
                     ("cross_entropy", ("linear_cross_entropy", "cross_entropy")),
                     ("projector", ("projector",)),
-                    ("norm/swiglu", ("rms_norm", "swiglu")),
+                    ("norm/swiglu/rotary", ("rms_norm", "swiglu", "rotary")),
                     ("optimizer", ("adam", "multi_tensor")),
                     ("copy/memset", ("memcpy", "memset", "copy")),
                     ("reduce", ("reduce",)),
