@@ -2,9 +2,11 @@
 # The GPU check: on a fresh GPU machine with no network, build the extension against the torch that is
 # there, run the GPU tests and every benchmark, and leave the results (device, versions, commit) in
 # $OUT when set (the folder a remote run brings back) or in benchmarks/results/. Budget: under 8 minutes on
-# one H100; each stage has its own time limit so that a hang in one still leaves the others' results.
-#   bash benchmarks/gpu_check.sh            # everything
-#   STAGES="build tests" bash benchmarks/gpu_check.sh
+# one H100 for the default stages; each stage has its own time limit so that a hang in one still leaves
+# the others' results. Serving a 7B model (up to 3 more minutes) is its own stage, run when asked for.
+#   bash benchmarks/gpu_check.sh                                # build, GPU tests, kernel and training benchmarks
+#   STAGES="build tests benchmarks serve" bash benchmarks/gpu_check.sh   # and serving
+#   STAGES="build serve" bash benchmarks/gpu_check.sh           # serving alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -69,6 +71,9 @@ if [[ " $stages " == *" benchmarks "* ]]; then
   # ours again with 8 layers for the cost of one layer (the 32-layer model's MFU and the projection).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
   run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 8 --profile
+fi
+
+if [[ " $stages " == *" serve "* ]]; then
   # Serving needs fastapi, uvicorn and httpx, which a bare GPU image may lack, and it has no network: a
   # wheelhouse in .whl/ (ignored by git; send it along with the checkout) supplies them. Fill it with
   #   pip download -d .whl --only-binary=:all: --python-version 3.12 --implementation cp \
