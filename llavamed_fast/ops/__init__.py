@@ -9,6 +9,7 @@ backend is the reference under autograd); ``packing`` is host-side bin packing f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -52,6 +53,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def _without_autocast(device_type: str):
     # An op's own matmuls (the references', the extension's) must not be recast inside it: the op already
     # took its inputs in the precision autocast would have chosen for it.
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
 
