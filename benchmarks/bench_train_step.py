@@ -396,26 +396,24 @@ def profile_steps(key: str, one, steps, device) -> dict:
     }
 
 
-def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict) -> dict:
-    """Ours again with ``--marginal-layers`` LLM layers on the same samples and rows.
+def measure_more_layers(model, processor, stage, args, device, dtype, peak, fast: dict) -> dict:
+    """Ours again on ``model`` (``--marginal-layers`` LLM layers), on the same samples and rows as ``fast``.
 
     One more layer costs ``(t_M - t_L) / (M - L)`` seconds and ``(F_M - F_L) / (M - L)`` FLOPs per step:
     its MFU is the per-layer MFU. The full model's step is the measured one plus the missing layers,
     ``t_L + (32 - L) * dt`` for ``F_L + (32 - L) * dF``: the vision tower, the embeddings, the head and
     the step's host work are counted once, as in the real model, not once per four layers."""
-    model, processor = build_model(variant, args.marginal_layers, device, dtype, args.smoke)
     items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
     steps = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
     opt = optimizer_for(trainable(model, stage), device)
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
     row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
-    extra = args.marginal_layers - args.layers
-    flops, flops_more = fast["flops_per_step"], row["flops_per_step"]
-    del model, opt, one, steps
+    del opt, one, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    extra = args.marginal_layers - args.layers
     seconds = (row["step_s"] - fast["step_s"]) / extra
-    layer_flops = (flops_more - flops) / extra
+    layer_flops = (row["flops_per_step"] - fast["flops_per_step"]) / extra
     if seconds <= 0 and not args.smoke:  # tiny CPU models: noise may exceed a layer; the smoke checks code
         raise RuntimeError(
             f"{args.marginal_layers} layers took {row['step_s']:.4f} s per step, no more than "
@@ -423,7 +421,7 @@ def measure_more_layers(variant, stage, args, device, dtype, peak, fast: dict) -
         )
     missing = FULL_LAYERS - args.layers
     full_seconds = fast["step_s"] + missing * seconds
-    full_flops = flops + missing * layer_flops
+    full_flops = fast["flops_per_step"] + missing * layer_flops
     rated = peak is not None and seconds > 0
     return {
         **row,
@@ -569,13 +567,20 @@ def main() -> None:
         del model, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        deeper = None  # the same shapes with --marginal-layers layers, built once for both stages
+        if args.marginal_layers and measured:
+            try:
+                deeper = build_model(variant, args.marginal_layers, device, dtype, args.smoke)
+            except Exception:  # reported, and counted in the exit status, like a failed configuration
+                traceback.print_exc()
+                failures.append(f"{variant} model with {args.marginal_layers} layers")
         for stage, fast in measured.items():
             key = f"{variant}_stage{stage}"
             mfu = fast["mfu"]
-            if args.marginal_layers:
+            if deeper is not None:
                 more = attempt(
                     f"{key} ours with {args.marginal_layers} layers",
-                    functools.partial(measure_more_layers, variant, stage, args, device, dtype, peak, fast),
+                    functools.partial(measure_more_layers, *deeper, stage, args, device, dtype, peak, fast),
                     failures,
                 )
                 if more is not None:
@@ -593,6 +598,9 @@ def main() -> None:
                 for name, gpus, peak_gpu in (("8xA100", 8, 312.0), ("1xH100", 1, 989.4)):
                     hours = total / (mfu * peak_gpu * 1e12 * gpus) / 3600
                     headline[f"{key}_projected_hours_{name}"] = round(hours, 2)
+        del deeper
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for name in ("8xA100", "1xH100"):
         parts = [headline.get(f"v0_stage{s}_projected_hours_{name}") for s in (1, 2)]
         if all(p is not None for p in parts):
