@@ -197,7 +197,8 @@ def run_ours(model, steps, optimizer, *, reference_ops: bool, recompute: bool):
             return contextlib.nullcontext()
         return ops.use_backend(
             **dict.fromkeys(
-                ("varlen_attention", "projector", "linear_cross_entropy", "rms_norm", "swiglu"), "torch"
+                ("varlen_attention", "projector", "linear_cross_entropy", "rms_norm", "swiglu", "rotary"),
+                "torch",
             )
         )
 
@@ -288,10 +289,19 @@ def _baseline_flops(step, per_token: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_steps(one, steps, warmup: int, timed: int, device) -> list[float]:
-    """Seconds of each of ``timed`` optimizer steps after ``warmup``, cycling through ``steps``."""
+def time_steps(one, steps, warmup: int, timed: int, device) -> tuple[list[float], float]:
+    """Seconds of each of ``timed`` optimizer steps, cycling through ``steps``, and the seconds of the
+    warm-up before them: ``warmup`` steps, and at least one whole pass. The first sight of a row's shapes
+    compiles Triton specialisations (lengths divisible by 16 or not) and grows the allocator's pool; a
+    warm-up shorter than a pass left that inside the timed steps, and the 4-layer model, timed first, paid
+    for it while the deeper one timed later did not, so a layer's cost came out too small (MFU > 1)."""
+    warmup = max(warmup, len(steps))
+    synchronize(device)
+    begin = time.perf_counter()
     for i in range(warmup):
         one(steps[i % len(steps)])
+    synchronize(device)
+    warm_s = time.perf_counter() - begin
     times = []
     for i in range(timed):
         step = steps[(warmup + i) % len(steps)]
@@ -300,7 +310,7 @@ def time_steps(one, steps, warmup: int, timed: int, device) -> list[float]:
         one(step)
         synchronize(device)
         times.append(time.perf_counter() - begin)
-    return times
+    return times, warm_s
 
 
 def attempt(name: str, measure_it, failures: list[str]) -> dict | None:
@@ -328,8 +338,8 @@ def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed = -(-timed // len(steps)) * len(steps)  # whole passes: every step equally often
-    times = time_steps(one, steps, warmup, timed, device)
-    chosen = [steps[(warmup + i) % len(steps)] for i in range(timed)]
+    times, warm_s = time_steps(one, steps, warmup, timed, device)
+    chosen = steps * (timed // len(steps))
     seconds, tokens = sum(times), sum(tokens_of(s) for s in chosen)
     flops = float(sum(flops_of(s) for s in chosen))
     out = {
@@ -340,6 +350,8 @@ def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) 
         "tokens_per_s": tokens / seconds,
         "tflops": flops / seconds / 1e12,
         "mfu": (flops / seconds / 1e12) / peak if peak else None,
+        # The warm-up's seconds per step, to set against step_s: what a cold start costs.
+        "warmup_s_per_step": warm_s / max(warmup, len(steps)),
     }
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -351,7 +363,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
     time the GPU was busy (the rest is host work and waiting), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    for step in steps[:2]:
+    for step in steps:  # warm, as in time_steps: no first-sight compiles inside the profile
         one(step)
     synchronize(device)
     chosen = [steps[i % len(steps)] for i in range(3)]
@@ -396,22 +408,36 @@ def profile_steps(key: str, one, steps, device) -> dict:
     }
 
 
-def measure_more_layers(model, processor, stage, args, device, dtype, peak, fast: dict) -> dict:
+def measure_more_layers(
+    model, processor, stage, args, device, dtype, peak, fast: dict, shallow_profile: dict | None
+) -> dict:
     """Ours again on ``model`` (``--marginal-layers`` LLM layers), on the same samples and rows as ``fast``.
 
     One more layer costs ``(t_M - t_L) / (M - L)`` seconds and ``(F_M - F_L) / (M - L)`` FLOPs per step:
     its MFU is the per-layer MFU. The full model's step is the measured one plus the missing layers,
     ``t_L + (32 - L) * dt`` for ``F_L + (32 - L) * dF``: the vision tower, the embeddings, the head and
-    the step's host work are counted once, as in the real model, not once per four layers."""
+    the step's host work are counted once, as in the real model, not once per four layers.
+
+    With ``shallow_profile`` (the smaller model's :func:`profile_steps`), the deeper model is profiled on
+    the same rows too, and the difference gives one layer's kernel time by kind: what a layer spends
+    outside its GEMMs, which is what stands between the per-layer MFU and the GEMM rate."""
     items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
     steps = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
     opt = optimizer_for(trainable(model, stage), device)
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
     row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
+    per_layer_kernels = None
+    extra = args.marginal_layers - args.layers
+    if shallow_profile is not None:
+        deep = profile_steps(f"{args.marginal_layers} layers", one, steps, device)["kernel_ms_per_step"]
+        shallow = shallow_profile["kernel_ms_per_step"]
+        per_layer_kernels = {
+            kind: round((deep.get(kind, 0.0) - shallow.get(kind, 0.0)) / extra, 3)
+            for kind in sorted(set(deep) | set(shallow))
+        }
     del opt, one, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    extra = args.marginal_layers - args.layers
     seconds = (row["step_s"] - fast["step_s"]) / extra
     layer_flops = (row["flops_per_step"] - fast["flops_per_step"]) / extra
     if seconds <= 0 and not args.smoke:  # tiny CPU models: noise may exceed a layer; the smoke checks code
@@ -419,10 +445,17 @@ def measure_more_layers(model, processor, stage, args, device, dtype, peak, fast
             f"{args.marginal_layers} layers took {row['step_s']:.4f} s per step, no more than "
             f"{args.layers} layers' {fast['step_s']:.4f} s: the timing is too noisy to give a layer's cost"
         )
+    rated = peak is not None and seconds > 0
+    if rated and layer_flops / seconds / 1e12 > peak and not args.smoke:
+        # More FLOP/s than the chip has: one of the two timings is off (a cold start inside the smaller
+        # model's timing did this once); no number is better than an impossible one.
+        raise RuntimeError(
+            f"{extra} more layers took {seconds * extra:.4f} s, "
+            f"above the device's peak rate for their FLOPs: the two timings are inconsistent"
+        )
     missing = FULL_LAYERS - args.layers
     full_seconds = fast["step_s"] + missing * seconds
     full_flops = fast["flops_per_step"] + missing * layer_flops
-    rated = peak is not None and seconds > 0
     return {
         **row,
         "config": f"ours, {args.marginal_layers} layers",
@@ -431,6 +464,7 @@ def measure_more_layers(model, processor, stage, args, device, dtype, peak, fast
         "per_layer_mfu": layer_flops / seconds / 1e12 / peak if rated else None,
         f"step_s_{FULL_LAYERS}_layers": full_seconds,
         "mfu_full_model": full_flops / full_seconds / 1e12 / peak if rated else None,
+        **({"per_layer_kernel_ms": per_layer_kernels} if per_layer_kernels is not None else {}),
     }
 
 
@@ -486,6 +520,7 @@ def main() -> None:
     rows, headline, failures = [], {"layers": args.layers}, []
     for variant in variants:
         measured: dict[int, dict] = {}  # stage -> ours' row
+        profiled: dict[int, dict | None] = {}  # stage -> ours' profile (--profile)
         model, processor = build_model(variant, args.layers, device, dtype, args.smoke)
         hf = None if args.no_baseline else baseline_model(model, device, dtype)
         for stage in stages:
@@ -517,7 +552,9 @@ def main() -> None:
             rows += [{**base, **r} for r in (fast, slow) if r is not None]
             if args.profile:  # on the CPU (--smoke) this checks the code; kernel times need a GPU
                 one = run_ours(model, ours, opt, reference_ops=False, recompute=args.recompute)
-                attempt(f"{key} profile", functools.partial(profile_steps, key, one, ours, device), failures)
+                profiled[stage] = attempt(
+                    f"{key} profile", functools.partial(profile_steps, key, one, ours, device), failures
+                )
             del opt
             if fast is not None:
                 headline[f"{key}_tokens_per_s"] = round(fast["tokens_per_s"], 1)
@@ -580,7 +617,17 @@ def main() -> None:
             if deeper is not None:
                 more = attempt(
                     f"{key} ours with {args.marginal_layers} layers",
-                    functools.partial(measure_more_layers, *deeper, stage, args, device, dtype, peak, fast),
+                    functools.partial(
+                        measure_more_layers,
+                        *deeper,
+                        stage,
+                        args,
+                        device,
+                        dtype,
+                        peak,
+                        fast,
+                        profiled.get(stage),
+                    ),
                     failures,
                 )
                 if more is not None:

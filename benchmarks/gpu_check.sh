@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh                                # build, GPU tests, kernel and training benchmarks
 #   STAGES="build tests benchmarks serve" bash benchmarks/gpu_check.sh   # and serving
 #   STAGES="build serve" bash benchmarks/gpu_check.sh           # serving alone
+#   STAGES="build train" bash benchmarks/gpu_check.sh           # the training step alone ("kernels": the rest)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -60,13 +61,17 @@ if [[ " $stages " == *" tests "* ]]; then
   run 200 "GPU tests" $python -m pytest -q -m gpu -p no:cacheprovider tests/ops
 fi
 
-if [[ " $stages " == *" benchmarks "* ]]; then
+# "benchmarks" is both of "kernels" and "train"; each can be asked for alone.
+if [[ " $stages " == *" benchmarks "* || " $stages " == *" kernels "* ]]; then
   for bench in varlen_attention linear_cross_entropy llm_layer_ops; do
     run 60 "bench_$bench" $python benchmarks/bench_$bench.py
   done
   # With the kernel-by-kernel profile of one fwd+bwd step (a few seconds more): the projector's target
   # is a fraction of the GEMM rate, and the profile says where the rest goes.
   run 60 "bench_projector" $python benchmarks/bench_projector.py --profile
+fi
+
+if [[ " $stages " == *" benchmarks "* || " $stages " == *" train "* ]]; then
   # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava;
   # ours again with 8 layers for the cost of one layer (the 32-layer model's MFU and the projection).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.

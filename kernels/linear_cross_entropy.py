@@ -43,7 +43,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _logsumexp_update_kernel(
+def _linear_cross_entropy_lse_kernel(
     logits_ptr,
     targets_ptr,
     max_ptr,
@@ -76,7 +76,7 @@ def _logsumexp_update_kernel(
 
 
 @triton.jit
-def _softmax_grad_kernel(
+def _linear_cross_entropy_grad_kernel(
     logits_ptr,
     grad_ptr,
     targets_ptr,
@@ -120,7 +120,7 @@ def _logsumexp_update(
     """Fold ``logits [R, C]`` (vocabulary columns ``col_start ..``) into the rows' running log-sum-exp."""
     rows, n_cols = logits.shape
     block_v, warps = _launch_shape(n_cols, block_v)
-    _logsumexp_update_kernel[(rows,)](
+    _linear_cross_entropy_lse_kernel[(rows,)](
         logits,
         targets,
         running_max,
@@ -145,7 +145,7 @@ def _softmax_grad(
     """``grad [R, C] = softmax - onehot`` for vocabulary columns ``col_start ..`` (``grad`` may be ``logits``)."""
     rows, n_cols = logits.shape
     block_v, warps = _launch_shape(n_cols, block_v)
-    _softmax_grad_kernel[(rows,)](
+    _linear_cross_entropy_grad_kernel[(rows,)](
         logits,
         grad,
         targets,

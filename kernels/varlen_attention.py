@@ -82,7 +82,7 @@ def _fwd_steps(
 
 
 @triton.jit
-def _fwd_kernel(
+def _varlen_attention_fwd_kernel(
     Q,
     K,
     V,
@@ -155,7 +155,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
+def _varlen_attention_bwd_preprocess_kernel(
     OUT,
     DO,
     DELTA,
@@ -233,7 +233,7 @@ def _bwd_dkdv_steps(
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
+def _varlen_attention_bwd_dkdv_kernel(
     Q,
     K,
     V,
@@ -366,7 +366,7 @@ def _bwd_dq_steps(
 
 
 @triton.jit
-def _bwd_dq_kernel(
+def _varlen_attention_bwd_dq_kernel(
     Q,
     K,
     V,
@@ -560,7 +560,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     blocks = _config(block_d, _INTERPRET).forward
     grid = (triton.cdiv(max_seqlen, blocks.m), samples, heads)
-    _fwd_kernel[grid](
+    _varlen_attention_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
@@ -589,13 +589,13 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
 
     delta = torch.empty_like(lse)
     pre = config.preprocess
-    _bwd_preprocess_kernel[(triton.cdiv(tokens, pre.m), heads)](
+    _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(tokens, pre.m), heads)](
         out, dout, delta, tokens, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=pre.m, num_warps=pre.warps, num_stages=pre.stages,
     )  # fmt: skip
 
     blocks = config.dkdv
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, blocks.n), samples, kv_heads)](
+    _varlen_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, blocks.n), samples, kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
@@ -605,7 +605,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     )  # fmt: skip
 
     blocks = config.dq
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen, blocks.m), samples, heads)](
+    _varlen_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, blocks.m), samples, heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
