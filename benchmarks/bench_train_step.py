@@ -15,9 +15,10 @@ conversation), the image-token count of each model swapped in.
 - **ours**: packed rows (no padding) through ``LlavaMed`` and our ops; **ours (reference ops)**: the same
   with every op on its torch reference, so the kernels' share of the gain is visible.
 
-Each configuration takes the same samples, in the same order: after ``--warmup`` optimizer steps, whole passes
-through the rows (ours) or padded batches (the baseline), at least ``--steps`` steps, are timed, and
-tokens/s is their real tokens over their time. Tokens/s counts real tokens only. MFU is model FLOPs
+Each configuration takes the same samples, in the same order: after a warm-up of at least one whole pass
+(``--warmup`` steps if more), whole passes through the rows (ours) or padded batches (the baseline), at
+least ``--steps`` steps, are timed, and tokens/s is their real tokens over their time. On a GPU, a few
+seconds of GEMMs come first, so the first configuration is not timed at idle clocks. Tokens/s counts real tokens only. MFU is model FLOPs
 (``llavamed_fast.train.flops.batch_flops``: 4N per token when the LLM is frozen, 6N when it trains, plus
 the head on supervised tokens, attention and the vision tower; padding and recompute earn nothing) over
 the time and the device's dense bf16 peak. With ``--marginal-layers M`` ours is timed again with M layers:
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bench_packing import stage_lengths
-from harness import report, synchronize
+from harness import measured_gemm_tflops, report, synchronize, warm_device
 
 from llavamed_fast import ops
 from llavamed_fast.data.packing import Sample, collate, pack
@@ -493,7 +494,9 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=8, help="samples per padded batch (baseline)")
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    # Timed steps, rounded up to whole passes: 15 is three passes of ours' rows, two of the baseline's
+    # batches. A layer's cost is a difference of two timings, so their noise counts twice.
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument(
         "--marginal-layers",
         type=int,
@@ -518,6 +521,9 @@ def main() -> None:
     variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     rows, headline, failures = [], {"layers": args.layers}, []
+    if device.type == "cuda":
+        warm_device(device)  # clocks up before the first configuration, which is timed like the others
+        headline["measured_gemm_tflops"] = round(measured_gemm_tflops(device), 1)
     for variant in variants:
         measured: dict[int, dict] = {}  # stage -> ours' row
         profiled: dict[int, dict | None] = {}  # stage -> ours' profile (--profile)

@@ -75,7 +75,7 @@ if [[ " $stages " == *" benchmarks "* || " $stages " == *" train "* ]]; then
   # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava;
   # ours again with 8 layers for the cost of one layer (the 32-layer model's MFU and the projection).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
-  run 280 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 8 --profile
+  run 330 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 8 --profile
 fi
 
 if [[ " $stages " == *" serve "* ]]; then

@@ -101,6 +101,19 @@ def measure(
     )
 
 
+def warm_device(device: torch.device, seconds: float = 2.0, size: int = 8192) -> None:
+    """Keep the device busy with GEMMs for ``seconds``: a GPU that was idle runs its first work at lower
+    clocks, and whatever a benchmark times first would pay for that."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ a
+        synchronize(device)
+
+
 def measured_gemm_tflops(
     device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192
 ) -> float:
