@@ -406,7 +406,14 @@ def profile_steps(key: str, one, steps, device) -> dict:
         "wall_ms_per_step": round(wall_us / len(chosen) / 1e3, 2),
         "gpu_busy_fraction": round(busy / wall_us, 3),
         "kernel_ms_per_step": {k: round(v / len(chosen) / 1e3, 2) for k, v in sorted(kinds.items())},
+        # The profiled rows' size: kernel time per token, and kernel-time MFU, against the timed passes'.
+        "tokens_per_step": _our_tokens_mean(chosen),
+        "flops_per_step": sum(_our_flops(s) for s in chosen) / len(chosen),
     }
+
+
+def _our_tokens_mean(steps) -> float:
+    return sum(_our_tokens(s) for s in steps) / len(steps)
 
 
 def measure_more_layers(
@@ -427,15 +434,21 @@ def measure_more_layers(
     opt = optimizer_for(trainable(model, stage), device)
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
     row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
-    per_layer_kernels = None
+    per_layer_kernels, kernel_mfu = None, None
     extra = args.marginal_layers - args.layers
     if shallow_profile is not None:
-        deep = profile_steps(f"{args.marginal_layers} layers", one, steps, device)["kernel_ms_per_step"]
-        shallow = shallow_profile["kernel_ms_per_step"]
+        deep_profile = profile_steps(f"{args.marginal_layers} layers", one, steps, device)
+        deep, shallow = deep_profile["kernel_ms_per_step"], shallow_profile["kernel_ms_per_step"]
         per_layer_kernels = {
             kind: round((deep.get(kind, 0.0) - shallow.get(kind, 0.0)) / extra, 3)
             for kind in sorted(set(deep) | set(shallow))
         }
+        # One layer's MFU over its kernels' time alone: set against the timed per-layer MFU, the
+        # difference is time the GPU waits within a layer (launches, host syncs).
+        busy_s = sum(per_layer_kernels.values()) / 1e3
+        profiled_flops = (deep_profile["flops_per_step"] - shallow_profile["flops_per_step"]) / extra
+        if peak and busy_s > 0:
+            kernel_mfu = profiled_flops / busy_s / 1e12 / peak
     del opt, one, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -466,6 +479,7 @@ def measure_more_layers(
         f"step_s_{FULL_LAYERS}_layers": full_seconds,
         "mfu_full_model": full_flops / full_seconds / 1e12 / peak if rated else None,
         **({"per_layer_kernel_ms": per_layer_kernels} if per_layer_kernels is not None else {}),
+        **({"per_layer_kernel_mfu": kernel_mfu} if kernel_mfu is not None else {}),
     }
 
 
