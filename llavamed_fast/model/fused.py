@@ -1,13 +1,17 @@
 """Routes a transformers LLM's RMSNorm, gated-MLP activation and rotary embedding to ``ops.rms_norm``,
-``ops.swiglu`` and ``ops.rotary``.
+``ops.swiglu`` and ``ops.rotary``, and its q/k/v and gate/up projections to ``ops.shared_input_linear``.
 
 transformers computes them eagerly: RMSNorm as six elementwise kernels and a reduction in float32, the
 MLP's ``silu(gate) * up`` as two, the rotation of queries and keys as about ten, each a trip through
 memory. By the formulas, a LLaMA-7B layer at 13K tokens moves about 15 GB more than one pass of each
-needs, about 5 ms per training step on an H100. Only modules whose class is known to compute exactly
-what the op computes are changed, and only their ``forward`` (on the instance): parameters, names,
-checkpoints and every other module stay transformers' own. On a CPU the ops' default backend is their
-torch reference, which is transformers' formula itself.
+needs, about 5 ms per training step on an H100. And autograd sums the input gradients of projections
+that read one input (q/k/v, gate/up) with elementwise adds, three per layer, each reading two
+``[tokens, hidden]`` tensors and writing one; ``shared_input_linear`` has the GEMMs accumulate them.
+Only modules whose class is known to compute exactly what the op computes are changed, and only their
+``forward`` (on the instance): parameters, names, checkpoints and every other module stay transformers'
+own. Projections that are not plain ``nn.Linear`` (LoRA, quantized) or that carry hooks (DeepSpeed ZeRO-3
+gathers weights in them) are called as modules. On a CPU the ops' default backend is their torch
+reference, which is transformers' formula itself.
 
 The fused forwards run where autograd records (training), the case they were built for: there the
 saved passes are over whole packed rows, forward and backward. Without gradients (evaluation, serving)
@@ -39,6 +43,29 @@ attention, no KV cache, autograd recording) the rotation runs through ``ops.rota
 transformers' own forward runs."""
 
 
+def _plain_linears(*modules: nn.Module) -> bool:
+    """Whether calling these modules is exactly ``F.linear`` with their parameters.
+
+    A subclass (LoRA, quantized layers) computes something else, and a module with hooks must be called:
+    DeepSpeed ZeRO-3 gathers a module's partitioned weight in its forward pre-hook."""
+    return all(
+        type(m) is nn.Linear
+        and not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+        for m in modules
+    ) and not (
+        nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_backward_hooks
+        or nn.modules.module._global_backward_pre_hooks
+    )
+
+
+def _projections(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+    if _plain_linears(*modules):
+        return ops.shared_input_linear(x, [m.weight for m in modules], [m.bias for m in modules])
+    return tuple(m(x) for m in modules)
+
+
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return type(self).forward(self, hidden_states)
@@ -48,7 +75,8 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return type(self).forward(self, x)
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up = _projections(x, self.gate_proj, self.up_proj)
+    return self.down_proj(ops.swiglu(gate, up))
 
 
 def _attention_forward(
@@ -70,9 +98,7 @@ def _attention_forward(
     tokens = hidden_states.shape[:-1]
     shape = (*tokens, -1, self.head_dim)
     # [B, T, H, D] views of the projections: the layout the rotation and the attention op both take.
-    q = self.q_proj(hidden_states).view(shape)
-    k = self.k_proj(hidden_states).view(shape)
-    v = self.v_proj(hidden_states).view(shape)
+    q, k, v = (t.view(shape) for t in _projections(hidden_states, self.q_proj, self.k_proj, self.v_proj))
     q, k = ops.rotary(q, k, *position_embeddings)
     # Qwen2 keeps each layer's window on the layer (None on full-attention layers), Mistral on the config.
     window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))

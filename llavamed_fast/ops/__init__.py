@@ -2,7 +2,8 @@
 
 ``varlen_attention``, ``projector`` and ``linear_cross_entropy`` are differentiable custom ops
 (``torch.ops.llavamed_fast.*``); so are ``rms_norm`` and ``swiglu`` on their fast backends (their torch
-backend is the reference under autograd); ``packing`` is host-side bin packing for the collator. See
+backend is the reference under autograd); ``shared_input_linear`` is torch GEMMs under its own autograd
+(no backends); ``packing`` is host-side bin packing for the collator. See
 ``registry.py`` for how a backend is chosen (``LLAVAMED_FAST_BACKEND=torch|triton|cuda`` and per-op
 ``LLAVAMED_FAST_BACKEND_<OP>``).
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from llavamed_fast.ops import _library, backends, reference  # noqa: F401 (backends registers the implementations)
+from llavamed_fast.ops._shared_input_linear import SharedInputLinear
 from llavamed_fast.ops.registry import (
     BACKENDS,
     REGISTRY,
@@ -34,6 +36,7 @@ __all__ = [
     "projector",
     "rms_norm",
     "rotary",
+    "shared_input_linear",
     "swiglu",
     "use_backend",
     "varlen_attention",
@@ -272,6 +275,44 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if backend == "torch":
         return reference.swiglu(gate, up)
     return _library.swiglu_op(gate, up, backend)
+
+
+def shared_input_linear(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w_i, b_i)`` for each weight: the q/k/v or gate/up projections of one input.
+
+    The same values and gradients as separate ``F.linear`` calls; in the backward the input's gradient is
+    accumulated by the GEMMs themselves instead of by autograd's elementwise sums (see
+    ``_shared_input_linear.py``). No backend choice: these are torch's GEMMs.
+
+    Args:
+        x: ``[..., K]``.
+        weights: ``[N_i, K]`` each, ``x``'s dtype (under autocast all are cast to its dtype, as
+            ``F.linear`` would be).
+        biases: ``[N_i]`` or None for each weight; None for no biases at all.
+    """
+    weights = list(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
+    _check(len(weights) > 0, "shared_input_linear needs at least one weight")
+    _check(len(biases) == len(weights), f"{len(biases)} biases for {len(weights)} weights")
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        _check(
+            w.dim() == 2 and w.shape[1] == x.shape[-1],
+            f"weight {i} {tuple(w.shape)} does not take inputs of width {x.shape[-1]}",
+        )
+        _check(b is None or b.shape == w.shape[:1], f"bias {i} does not match weight {i} {tuple(w.shape)}")
+    low = _autocast_dtype(x.device.type)
+    if low is not None:
+        x = x.to(low)
+        weights = [w.to(low) for w in weights]
+        biases = [None if b is None else b.to(low) for b in biases]
+    dtypes = {t.dtype for t in (x, *weights, *biases) if t is not None}
+    _check(len(dtypes) == 1, f"x, weights and biases must share one dtype, got {sorted(map(str, dtypes))}")
+    with _without_autocast(x.device.type):
+        return SharedInputLinear.apply(x, len(weights), *weights, *biases)
 
 
 def packing(lengths: Sequence[int] | torch.Tensor, budget: int) -> torch.Tensor:

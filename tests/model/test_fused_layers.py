@@ -73,11 +73,12 @@ def _count_calls(monkeypatch, kernels, key: str, calls: dict) -> None:
         calls[key] = calls.get(key, 0) + 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, name, staticmethod(counted))
+    monkeypatch.setattr(kernels, name, staticmethod(counted) if isinstance(kernels, type) else counted)
 
 
 def _check_against_plain(model_type, monkeypatch, attn_implementation):
     calls = _counted_kernels(monkeypatch)
+    _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
     plain = _model(model_type)
     fast = copy.deepcopy(plain)
     fast.set_attn_implementation(attn_implementation)
@@ -100,13 +101,45 @@ def test_fused_llm_matches_transformers(model_type, monkeypatch):
     calls = _check_against_plain(model_type, monkeypatch, attention.register())
     layers = TINY["num_hidden_layers"]
     want = {"TritonRmsNorm": 2 * layers + 1, "TritonSwiglu": layers, "TritonRotary": layers}
-    assert calls == {f"{k}.{way}": n for k, n in want.items() for way in ("forward", "backward")}
+    want_calls = {f"{k}.{way}": n for k, n in want.items() for way in ("forward", "backward")}
+    assert calls == {**want_calls, "ops.shared_input_linear": 2 * layers}  # q/k/v and gate/up
 
 
 def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
     # Cached decoding and the other implementations run transformers' own attention forward.
     calls = _check_against_plain("llama", monkeypatch, "sdpa")
     assert "TritonRotary.forward" not in calls and calls["TritonSwiglu.forward"] == TINY["num_hidden_layers"]
+    assert calls["ops.shared_input_linear"] == TINY["num_hidden_layers"]  # the MLPs' gate/up only
+
+
+def test_hooked_or_wrapped_projections_are_called_as_modules(monkeypatch):
+    # A forward pre-hook (as DeepSpeed ZeRO-3 puts on every module to gather its weight) must run, and a
+    # Linear subclass (LoRA-like) computes something else: such projections keep their module call.
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    plain = _model("llama")
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            old = layer.mlp.up_proj
+            layer.mlp.up_proj = Scaled(old.in_features, old.out_features, bias=False)
+            layer.mlp.up_proj.weight.copy_(old.weight)
+    fast = copy.deepcopy(plain)
+    fast.set_attn_implementation(attention.register())
+    fused.fuse(fast)
+    hooked = []
+    for layer in fast.model.layers:
+        layer.self_attn.k_proj.register_forward_pre_hook(lambda module, args: hooked.append(module))
+    calls: dict[str, int] = {}
+    _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(4))
+    want_logits, want_grads = _logits_and_grads(plain, ids)
+    got_logits, got_grads = _logits_and_grads(fast, ids)
+    assert calls == {} and len(hooked) == TINY["num_hidden_layers"]
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_without_gradients_transformers_forwards_run(monkeypatch):
