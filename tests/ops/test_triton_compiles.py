@@ -1,9 +1,14 @@
-"""The LLM layer's Triton kernels compile for the GPUs we train on, without a GPU.
+"""Our Triton kernels compile for the GPUs we train on, without a GPU.
 
 The interpreter runs a kernel's Python, not its compiled form: typing and lowering errors (a dtype mix,
 a loop bound the compiler cannot take) show only when Triton compiles it. Triton compiles ahead of time
 for a named target with no device present, so each kernel is compiled here for sm_90 (H100) in every
 floating dtype and for sm_80 (A100) in bf16, with the specializations the launchers use.
+
+The LLM layer's kernels are listed with their signatures by hand. The attention and loss kernels are
+compiled from what their launchers pass: the launchers run on CPU tensors of LLaMA-7B head and vocabulary
+widths with Triton's launch replaced by a recorder, so their tile sizes, warps and stages are the ones
+a GPU run would use, and the list cannot fall behind the launchers.
 """
 
 from __future__ import annotations
@@ -115,26 +120,109 @@ def _kernels(dt: str):
     )
 
 
-def compile_all(arch: int, dtype: str) -> None:
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32", "int64": "i64"}
+
+
+def _recorded_launches(dt: str) -> list[tuple]:
+    """(kernel, signature, constexprs, options) of every launch the attention (forward and backward, 32
+    query / 8 KV heads of 128) and loss launchers (a frozen head's full 32,000-column rows and a trained
+    head's 3,328-column blocks) make for ``dt`` inputs, recorded instead of run."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from llavamed_fast.kernels import linear_cross_entropy, varlen_attention
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    varlen_attention._check = lambda *args: None  # it refuses CPU tensors outside the interpreter
+    dtype = getattr(torch, _TORCH_DTYPES[dt])
+    q = torch.empty(64, 32, 128, dtype=dtype)
+    k, v = torch.empty(64, 8, 128, dtype=dtype), torch.empty(64, 8, 128, dtype=dtype)
+    cu_seqlens = torch.tensor([0, 40, 64], dtype=torch.int32)
+    varlen_attention._forward(q, k, v, cu_seqlens, 40, True, 0.0884)
+    lse = torch.empty(32, 64)
+    varlen_attention._backward(
+        torch.empty_like(q), q, k, v, torch.empty_like(q), lse, cu_seqlens, 40, True, 0.0884
+    )
+    for columns in (32000, 3328):
+        logits, targets, rows = torch.empty(4, columns), torch.zeros(4, dtype=torch.int64), torch.empty(4)
+        linear_cross_entropy._logsumexp_update(logits, targets, rows, rows.clone(), rows.clone(), 0)
+        linear_cross_entropy._softmax_grad(logits, targets, rows, torch.empty(4, columns, dtype=dtype), 0)
+
+    out = []
+    for kernel, args, kwargs in launches:
+        options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+        bound = kernel.signature.bind(*args, **kwargs).arguments
+        signature, constexprs = {}, {}
+        for param in kernel.params:
+            value = bound[param.name]
+            if param.is_constexpr:
+                signature[param.name], constexprs[param.name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + _TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
+            elif isinstance(value, bool):
+                signature[param.name] = "i1"
+            elif isinstance(value, int):
+                signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                raise TypeError(f"{kernel.__name__}: argument {param.name} of type {type(value).__name__}")
+        out.append((kernel, signature, constexprs, options))
+    return out
+
+
+def compile_all(arch: int, dtype: str, which: str) -> None:
     """Compile every kernel for ``sm_<arch>``; run in a process without ``TRITON_INTERPRET=1`` (the
     interpreter replaces ``@triton.jit`` kernels and patches ``triton.language`` for the whole process)."""
     target = GPUTarget("cuda", arch, 32)
-    for kernel, signature, constexprs, options in _kernels(dtype):
+    kernels = _kernels(dtype) if which == "layer" else _recorded_launches(dtype)
+    for kernel, signature, constexprs, options in kernels:
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=target, options=options)
         assert compiled.asm.get("cubin"), f"{kernel.__name__} for sm_{arch} {dtype}: no cubin"
         print(f"{kernel.__name__} {sorted(constexprs.items())} {signature}: sm_{arch} {dtype} ok")
 
 
-@pytest.mark.parametrize(("arch", "dtype"), TARGETS, ids=[f"sm{a}-{d}" for a, d in TARGETS])
-def test_llm_layer_kernels_compile(arch, dtype, tmp_path):
+def _compile_in_subprocess(arch: int, dtype: str, which: str, tmp_path) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, __file__, str(arch), dtype], capture_output=True, text=True, env=env, check=False
+        [sys.executable, __file__, str(arch), dtype, which],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count(" ok") == len(list(_kernels(dtype))), result.stdout
+    return result.stdout
+
+
+@pytest.mark.parametrize(("arch", "dtype"), TARGETS, ids=[f"sm{a}-{d}" for a, d in TARGETS])
+def test_llm_layer_kernels_compile(arch, dtype, tmp_path):
+    stdout = _compile_in_subprocess(arch, dtype, "layer", tmp_path)
+    assert stdout.count(" ok") == len(list(_kernels(dtype))), stdout
+
+
+@pytest.mark.parametrize(("arch", "dtype"), TARGETS, ids=[f"sm{a}-{d}" for a, d in TARGETS])
+def test_attention_and_loss_kernels_compile(arch, dtype, tmp_path):
+    stdout = _compile_in_subprocess(arch, dtype, "recorded", tmp_path)
+    # Forward, preprocess, dK/dV and dQ; the loss's two row kernels at two widths.
+    names = [line.split()[0] for line in stdout.splitlines() if line.endswith(" ok")]
+    assert sorted(set(names)) == [
+        "_linear_cross_entropy_grad_kernel",
+        "_linear_cross_entropy_lse_kernel",
+        "_varlen_attention_bwd_dkdv_kernel",
+        "_varlen_attention_bwd_dq_kernel",
+        "_varlen_attention_bwd_preprocess_kernel",
+        "_varlen_attention_fwd_kernel",
+    ], stdout
+    assert len(names) == 8, stdout
 
 
 if __name__ == "__main__":
-    compile_all(int(sys.argv[1]), sys.argv[2])
+    compile_all(int(sys.argv[1]), sys.argv[2], sys.argv[3])
