@@ -15,10 +15,12 @@ conversation), the image-token count of each model swapped in.
 - **ours**: packed rows (no padding) through ``LlavaMed`` and our ops; **ours (reference ops)**: the same
   with every op on its torch reference, so the kernels' share of the gain is visible.
 
-Each configuration takes the same samples, in the same order: after a warm-up of at least one whole pass
-(``--warmup`` steps if more), whole passes through the rows (ours) or padded batches (the baseline), at
-least ``--steps`` steps, are timed, and tokens/s is their real tokens over their time. On a GPU, a few
-seconds of GEMMs come first, so the first configuration is not timed at idle clocks. Tokens/s counts real tokens only. MFU is model FLOPs
+Each configuration takes the same samples, in the same order, and steps the optimizer once per
+``--step-samples`` samples (default: once per pass of ``--samples``, 96, near the paper's global batch
+of 128; ours accumulates over whole rows, the baseline over padded batches, as LLaVA's trainer does). One
+pass warms up, ``--passes`` whole passes are timed, and tokens/s is their real tokens over their time. On
+a GPU, a few seconds of GEMMs come first, so the first configuration is not timed at idle clocks.
+Tokens/s counts real tokens only. MFU is model FLOPs
 (``llavamed_fast.train.flops.batch_flops``: 4N per token when the LLM is frozen, 6N when it trains, plus
 the head on supervised tokens, attention and the vision tower; padding and recompute earn nothing) over
 the time and the device's dense bf16 peak. With ``--marginal-layers M`` ours is timed again with M layers:
@@ -163,9 +165,11 @@ def optimizer_for(params, device) -> torch.optim.Optimizer:
 
 
 # ------------------------------------------------------------------------------------------------- ours
-def our_steps(model, items: list[Item], budget: int, device, dtype, stage: int, steps_rows: int):
-    """Packed rows of at most ``budget`` tokens, grouped into optimizer steps of ``steps_rows`` rows."""
+def our_steps(model, items: list[Item], budget: int, device, dtype, stage: int, step_samples: int):
+    """Packed rows of at most ``budget`` tokens, grouped into optimizer steps of about ``step_samples``
+    samples (whole rows; at least one row a step)."""
     rows = pack([len(it.ids) for it in items], budget)
+    steps_rows = max(1, round(len(rows) * step_samples / len(items)))
     generator = torch.Generator().manual_seed(0)
     built = []
     for row in rows:
@@ -229,9 +233,11 @@ def baseline_model(model, device, dtype):
 
 
 def baseline_steps(
-    hf, model, items: list[Item], batch_size: int, device, dtype, stage: int, steps_batches: int
+    hf, model, items: list[Item], batch_size: int, device, dtype, stage: int, step_samples: int
 ):
-    """Padded batches of ``batch_size`` samples (pad to the longest, right padding), in sample order."""
+    """Padded batches of ``batch_size`` samples (pad to the longest, right padding), in sample order,
+    grouped into optimizer steps of ``step_samples`` samples (gradient accumulation, as LLaVA's trainer)."""
+    steps_batches = max(1, step_samples // batch_size)
     pad = 0
     generator = torch.Generator().manual_seed(0)
     built = []
@@ -290,22 +296,20 @@ def _baseline_flops(step, per_token: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_steps(one, steps, warmup: int, timed: int, device) -> tuple[list[float], float]:
-    """Seconds of each of ``timed`` optimizer steps, cycling through ``steps``, and the seconds of the
-    warm-up before them: ``warmup`` steps, and at least one whole pass. The first sight of a row's shapes
-    compiles Triton specialisations (lengths divisible by 16 or not) and grows the allocator's pool; a
-    warm-up shorter than a pass left that inside the timed steps, and the 4-layer model, timed first, paid
-    for it while the deeper one timed later did not, so a layer's cost came out too small (MFU > 1)."""
-    warmup = max(warmup, len(steps))
+def time_steps(one, steps, passes: int, device) -> tuple[list[float], float]:
+    """Seconds of each optimizer step over ``passes`` whole passes through ``steps``, after one pass of
+    warm-up, and the warm-up's seconds. The first sight of a row's shapes compiles Triton specialisations
+    (lengths divisible by 16 or not) and grows the allocator's pool; a warm-up shorter than a pass once
+    left that inside the timed steps, and the 4-layer model, timed first, paid for it while the deeper one
+    timed later did not, so a layer's cost came out too small (MFU > 1)."""
     synchronize(device)
     begin = time.perf_counter()
-    for i in range(warmup):
-        one(steps[i % len(steps)])
+    for step in steps:
+        one(step)
     synchronize(device)
     warm_s = time.perf_counter() - begin
     times = []
-    for i in range(timed):
-        step = steps[(warmup + i) % len(steps)]
+    for step in steps * passes:
         synchronize(device)
         begin = time.perf_counter()
         one(step)
@@ -332,15 +336,14 @@ def attempt(name: str, measure_it, failures: list[str]) -> dict | None:
     return out
 
 
-def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) -> dict:
+def measure(name, one, steps, tokens_of, flops_of, passes, device, peak) -> dict:
     """Tokens/s and MFU over whole passes through ``steps``: every row (ours) or padded batch (the
     baseline) is timed equally often, so both configurations are measured on the whole sample set, and
     rates are totals over totals (steps differ in size; a median of step times would weigh them wrongly)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed = -(-timed // len(steps)) * len(steps)  # whole passes: every step equally often
-    times, warm_s = time_steps(one, steps, warmup, timed, device)
-    chosen = steps * (timed // len(steps))
+    times, warm_s = time_steps(one, steps, passes, device)
+    chosen, timed = steps * passes, len(steps) * passes
     seconds, tokens = sum(times), sum(tokens_of(s) for s in chosen)
     flops = float(sum(flops_of(s) for s in chosen))
     out = {
@@ -352,7 +355,7 @@ def measure(name, one, steps, tokens_of, flops_of, warmup, timed, device, peak) 
         "tflops": flops / seconds / 1e12,
         "mfu": (flops / seconds / 1e12) / peak if peak else None,
         # The warm-up's seconds per step, to set against step_s: what a cold start costs.
-        "warmup_s_per_step": warm_s / max(warmup, len(steps)),
+        "warmup_s_per_step": warm_s / len(steps),
     }
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -367,7 +370,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
     for step in steps:  # warm, as in time_steps: no first-sight compiles inside the profile
         one(step)
     synchronize(device)
-    chosen = [steps[i % len(steps)] for i in range(3)]
+    chosen = steps[:3]  # up to three steps (one when a step is the whole pass)
     began = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for step in chosen:
@@ -430,10 +433,10 @@ def measure_more_layers(
     the same rows too, and the difference gives one layer's kernel time by kind: what a layer spends
     outside its GEMMs, which is what stands between the per-layer MFU and the GEMM rate."""
     items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
-    steps = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
+    steps = our_steps(model, items, args.budget, device, dtype, stage, args.step_samples or args.samples)
     opt = optimizer_for(trainable(model, stage), device)
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
-    row = measure("ours", one, steps, _our_tokens, _our_flops, args.warmup, args.steps, device, peak)
+    row = measure("ours", one, steps, _our_tokens, _our_flops, args.passes, device, peak)
     per_layer_kernels, kernel_mfu = None, None
     extra = args.marginal_layers - args.layers
     if shallow_profile is not None:
@@ -504,13 +507,17 @@ def main() -> None:
     parser.add_argument("--stage", choices=("1", "2", "both"), default="both")
     parser.add_argument("--layers", type=int, default=4, help="LLM layers (the cost per layer is measured)")
     parser.add_argument("--budget", type=int, default=16384, help="tokens per packed row (ours)")
-    parser.add_argument("--rows-per-step", type=int, default=1)
+    parser.add_argument(
+        "--step-samples",
+        type=int,
+        default=0,
+        help="samples per optimizer step, ours and the baseline alike (default: all of --samples, one step "
+        "a pass, near the paper's batch of 128); 8 steps after every row",
+    )
     parser.add_argument("--baseline-batch", type=int, default=8, help="samples per padded batch (baseline)")
     parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--warmup", type=int, default=2)
-    # Timed steps, rounded up to whole passes: 15 is three passes of ours' rows, two of the baseline's
-    # batches. A layer's cost is a difference of two timings, so their noise counts twice.
-    parser.add_argument("--steps", type=int, default=15)
+    # A layer's cost is a difference of two timings, so their noise counts twice.
+    parser.add_argument("--passes", type=int, default=3, help="timed passes through the samples")
     parser.add_argument(
         "--marginal-layers",
         type=int,
@@ -530,11 +537,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
-        args.samples, args.budget, args.baseline_batch, args.warmup, args.steps = 8, 512, 2, 1, 1
+        args.samples, args.budget, args.baseline_batch, args.passes = 8, 512, 2, 1
     peak = peak_tflops(device, dtype)
+    step_samples = args.step_samples or args.samples
     variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
-    rows, headline, failures = [], {"layers": args.layers}, []
+    rows, headline, failures = [], {"layers": args.layers, "samples_per_step": step_samples}, []
     if device.type == "cuda":
         warm_device(device)  # clocks up before the first configuration, which is timed like the others
         headline["measured_gemm_tflops"] = round(measured_gemm_tflops(device), 1)
@@ -548,7 +556,7 @@ def main() -> None:
             real = sum(len(it.ids) for it in items)
             base = {"variant": variant, "stage": stage}
             key = f"{variant}_stage{stage}"
-            ours = our_steps(model, items, args.budget, device, dtype, stage, args.rows_per_step)
+            ours = our_steps(model, items, args.budget, device, dtype, stage, step_samples)
             opt = optimizer_for(trainable(model, stage), device)
             fast, slow = (
                 attempt(
@@ -560,8 +568,7 @@ def main() -> None:
                         ours,
                         _our_tokens,
                         _our_flops,
-                        args.warmup,
-                        args.steps,
+                        args.passes,
                         device,
                         peak,
                     ),
@@ -584,7 +591,9 @@ def main() -> None:
             if hf is not None:
                 # The same samples, the same model FLOPs (padding earns none): FLOPs per sample carried over.
                 flops_per_token = sum(f for s in ours for _, f, _ in s) / real
-                steps = baseline_steps(hf, model, items, args.baseline_batch, device, dtype, stage, 1)
+                steps = baseline_steps(
+                    hf, model, items, args.baseline_batch, device, dtype, stage, step_samples
+                )
                 for p in hf.parameters():
                     p.requires_grad_(False)
                 keep = list(hf.model.multi_modal_projector.parameters())
@@ -603,8 +612,7 @@ def main() -> None:
                         steps,
                         _baseline_tokens,
                         functools.partial(_baseline_flops, per_token=flops_per_token),
-                        args.warmup,
-                        args.steps,
+                        args.passes,
                         device,
                         peak,
                     ),
