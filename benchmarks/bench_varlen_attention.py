@@ -1,6 +1,7 @@
 """varlen_attention: ours vs the torch reference and the best peers on the same device, same run.
 
-Packed rows of LLaVA-Med-like samples (stage-2 length mix of bench_packing.py) filling `--tokens`; 7B
+Packed rows of LLaVA-Med-like samples (bench_packing.py's length mix of `--stage`, 2 by default; stage 1's
+captions are shorter, so more of each tile is masked) filling `--tokens`; 7B
 shapes by default (32 query heads, 8 KV heads as Mistral, head dim 128, bf16). Peers: PyTorch's
 `torch.nn.attention.varlen.varlen_attn` (FlashAttention kernels inside torch), SDPA run per sample, and
 flash-attn's varlen kernel when that package is installed. Forward, backward and both; TFLOP/s count the
@@ -25,10 +26,10 @@ from llavamed_fast import ops
 from llavamed_fast.ops import use_backend
 
 
-def row_lengths(tokens: int, seed: int) -> list[int]:
+def row_lengths(tokens: int, seed: int, stage: int = 2) -> list[int]:
     """Sample lengths of one packed row of about `tokens` tokens (the last sample cut to fit)."""
     lengths, total = [], 0
-    for length in stage_lengths(2, 10_000, seed):
+    for length in stage_lengths(stage, 10_000, seed):
         length = int(min(length, tokens - total))
         lengths.append(length)
         total += length
@@ -83,6 +84,7 @@ def peers(q, k, v, cu, max_len, lengths, causal):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="the length mix")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -106,7 +108,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = getattr(torch, args.dtype)
     causal = not args.non_causal
-    lengths = row_lengths(args.tokens, args.seed) if not args.smoke else [37, 1, 200, 62]
+    lengths = row_lengths(args.tokens, args.seed, args.stage) if not args.smoke else [37, 1, 200, 62]
     tokens = sum(lengths)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
     max_len = max(lengths)
@@ -154,8 +156,10 @@ def main() -> None:
         "fwd_bwd_vs_best_peer": round(best_peer / ours, 3) if ours and best_peer else None,
         "best_peer": min(peer_fns, key=both.get) if peer_fns else None,
         "fwd_bwd_vs_reference": round(both["torch reference"] / ours, 3) if ours else None,
+        "stage": args.stage,
         "tokens": tokens,
         "samples": len(lengths),
+        "max_seqlen": max_len,
         "heads": args.heads,
         "kv_heads": args.kv_heads,
         "head_dim": args.head_dim,

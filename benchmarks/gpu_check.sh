@@ -66,6 +66,8 @@ if [[ " $stages " == *" benchmarks "* || " $stages " == *" kernels "* ]]; then
   for bench in varlen_attention linear_cross_entropy llm_layer_ops; do
     run 60 "bench_$bench" $python benchmarks/bench_$bench.py
   done
+  # Attention on stage 1's shorter samples too: a tenth of a layer's time there, at a lower rate.
+  run 60 "bench_varlen_attention (stage-1 lengths)" $python benchmarks/bench_varlen_attention.py --stage 1
   # With the kernel-by-kernel profile of one fwd+bwd step (a few seconds more): the projector's target
   # is a fraction of the GEMM rate, and the profile says where the rest goes.
   run 60 "bench_projector" $python benchmarks/bench_projector.py --profile

@@ -1,12 +1,13 @@
 """Block-size sweep for the varlen attention backward (``kernels/varlen_attention.py``) on the GPU.
 
 Times the backward pass of ``bench_varlen_attention.py``'s default problem (a 16K-token packed row of
-LLaVA-Med stage-2 lengths, 32 heads, 8 KV heads, head dim 128, bf16, causal) with the dK/dV kernel's and
-then the dQ kernel's tiles varied one at a time around the shipped ``_config``, and checks every variant's
+LLaVA-Med stage-2 lengths, or stage 1's with ``--stage 1``; 32 heads, 8 KV heads, head dim 128, bf16,
+causal) with the dK/dV kernel's and then the dQ kernel's tiles varied one at a time around the shipped
+``_config``, and checks every variant's
 gradients against the shipped one's. It changes nothing: the winner goes into ``_config`` by hand.
 Last line: JSON with the fastest tiles of each kernel and the backward times.
 
-    python benchmarks/tune_varlen_attention.py [--tokens 16384] [--repeat 20]
+    python benchmarks/tune_varlen_attention.py [--tokens 16384] [--stage 2] [--repeat 20]
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=2, help="the length mix")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device("cuda")
-    lengths = row_lengths(args.tokens, args.seed)
+    lengths = row_lengths(args.tokens, args.seed, args.stage)
     tokens, max_len = sum(lengths), max(lengths)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
     torch.manual_seed(args.seed)
