@@ -53,7 +53,7 @@ from harness import measured_gemm_tflops, report, synchronize, warm_device
 from llavamed_fast import ops
 from llavamed_fast.data.packing import Sample, collate, pack
 from llavamed_fast.data.templates import IGNORE_INDEX
-from llavamed_fast.model import build, get_preset
+from llavamed_fast.model import build, fused, get_preset
 from llavamed_fast.model.checkpoint import hf_config
 from llavamed_fast.train.flops import batch_flops, peak_tflops
 
@@ -200,12 +200,17 @@ def run_ours(model, steps, optimizer, *, reference_ops: bool, recompute: bool):
     def context():
         if not reference_ops:
             return contextlib.nullcontext()
-        return ops.use_backend(
-            **dict.fromkeys(
-                ("varlen_attention", "projector", "linear_cross_entropy", "rms_norm", "swiglu", "rotary"),
-                "torch",
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            ops.use_backend(
+                **dict.fromkeys(
+                    ("varlen_attention", "projector", "linear_cross_entropy", "rms_norm", "swiglu", "rotary"),
+                    "torch",
+                )
             )
         )
+        stack.enter_context(fused.separate_projections())  # autograd sums the projections' input grads
+        return stack
 
     def one(step):
         with context():
@@ -452,6 +457,9 @@ def measure_more_layers(
         profiled_flops = (deep_profile["flops_per_step"] - shallow_profile["flops_per_step"]) / extra
         if peak and busy_s > 0:
             kernel_mfu = profiled_flops / busy_s / 1e12 / peak
+            if not 0 < kernel_mfu <= 1:  # per-kind differences of two profiles: noise can make nonsense
+                print(f"per-layer kernel MFU {kernel_mfu:.3f} is not a rate; not reported", file=sys.stderr)
+                kernel_mfu = None
     del opt, one, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -532,6 +540,8 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.passes < 1:
+        parser.error("--passes must be at least 1")
     if args.marginal_layers and args.marginal_layers <= args.layers:
         parser.error(f"--marginal-layers must exceed --layers ({args.layers})")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

@@ -21,7 +21,10 @@ bandwidth-bound, and serving's numbers were measured on them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,10 +49,14 @@ transformers' own forward runs."""
 def _plain_linears(*modules: nn.Module) -> bool:
     """Whether calling these modules is exactly ``F.linear`` with their parameters.
 
-    A subclass (LoRA, quantized layers) computes something else, and a module with hooks must be called:
-    DeepSpeed ZeRO-3 gathers a module's partitioned weight in its forward pre-hook."""
+    A subclass (LoRA, quantized layers, parametrizations) computes something else, and a module with hooks
+    must be called: DeepSpeed ZeRO-3 gathers a module's partitioned weight in its forward pre-hook, and
+    accelerate's offloading replaces the instance's ``forward``. A weight that is a tensor subclass
+    (FSDP2's DTensor, quantized wrappers) is left to its own ``F.linear`` too."""
     return all(
         type(m) is nn.Linear
+        and "forward" not in vars(m)
+        and type(m.weight.data) is torch.Tensor
         and not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
         for m in modules
     ) and not (
@@ -60,8 +67,22 @@ def _plain_linears(*modules: nn.Module) -> bool:
     )
 
 
+_SEPARATE = contextvars.ContextVar("llavamed_fast_separate_projections", default=False)
+
+
+@contextlib.contextmanager
+def separate_projections() -> Iterator[None]:
+    """Inside the block, fused forwards call their q/k/v and gate/up projections one by one, as
+    transformers does (benchmarks use it to attribute ``shared_input_linear``'s share)."""
+    token = _SEPARATE.set(True)
+    try:
+        yield
+    finally:
+        _SEPARATE.reset(token)
+
+
 def _projections(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    if _plain_linears(*modules):
+    if not _SEPARATE.get() and _plain_linears(*modules):
         return ops.shared_input_linear(x, [m.weight for m in modules], [m.bias for m in modules])
     return tuple(m(x) for m in modules)
 

@@ -5,7 +5,9 @@ Autograd computes each map's input gradient with its own GEMM and adds them in i
 elementwise kernel per extra consumer, each reading two ``[tokens, hidden]`` tensors and writing one.
 Here the first GEMM writes the input gradient and the others accumulate into it (``addmm_``, beta 1:
 one more read, in the GEMM's epilogue). Weight and bias gradients are the usual ones, computed only where
-autograd asks for them. Plain torch GEMMs: cuBLAS on GPUs, nothing to choose.
+autograd asks for them, and, as ``F.linear`` does, the input is kept for the backward only when a weight
+trains and the weights only when the input needs a gradient (a frozen LLM keeps no activations here).
+Plain torch GEMMs: cuBLAS on GPUs, nothing to choose.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ class SharedInputLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, n: int, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         weights, biases = params[:n], params[n:]
-        ctx.save_for_backward(x, *weights)
-        # Unused outputs get no gradient tensor at all, rather than zeros to multiply.
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2 : 2 + n])
+        ctx.save_for_backward(x if need_w else None, *(w if need_x else None for w in weights))
+        ctx.x_shape = x.shape
+        # Unused outputs get no gradient tensor at all, rather than zeros to multiply (eagerly: a compiled
+        # graph materialises them, so an unused output's weight would get a zero gradient there).
         ctx.set_materialize_grads(False)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
@@ -31,23 +36,29 @@ class SharedInputLinear(torch.autograd.Function):
         n = len(weights)
         need_x = ctx.needs_input_grad[0]
         need_w, need_b = ctx.needs_input_grad[2 : 2 + n], ctx.needs_input_grad[2 + n :]
-        rows = x.reshape(-1, x.shape[-1])
         dx = None
         dws: list[torch.Tensor | None] = [None] * n
         dbs: list[torch.Tensor | None] = [None] * n
-        for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
-            if grad is None:
-                continue
-            grad = grad.reshape(-1, grad.shape[-1])
-            if need_x:
-                if dx is None:
-                    dx = grad @ weight
-                else:
-                    dx.addmm_(grad, weight)
-            if need_w[i]:
-                dws[i] = grad.t() @ rows
-            if need_b[i]:
-                dbs[i] = grad.sum(0)
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None, *dws, *dbs
+        rows = None if x is None else x.reshape(-1, x.shape[-1])
+        # The forward ran in the inputs' precision with autocast off; so does the backward, wherever it
+        # is called from.
+        with torch.autocast(present[0].device.type, enabled=False):
+            for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
+                if grad is None:
+                    continue
+                grad = grad.reshape(-1, grad.shape[-1])
+                if need_x:
+                    if dx is None:
+                        dx = grad @ weight
+                    else:
+                        dx.addmm_(grad, weight)
+                if need_w[i]:
+                    dws[i] = grad.t() @ rows
+                if need_b[i]:
+                    dbs[i] = grad.sum(0)
         if dx is not None:
-            dx = dx.view(x.shape)
+            dx = dx.view(ctx.x_shape)
         return dx, None, *dws, *dbs

@@ -112,9 +112,27 @@ def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
     assert calls["ops.shared_input_linear"] == TINY["num_hidden_layers"]  # the MLPs' gate/up only
 
 
+def test_separate_projections_turns_the_shared_linear_off(monkeypatch):
+    fast = _model("qwen2")  # q/k/v with biases
+    fast.set_attn_implementation(attention.register())
+    fused.fuse(fast)
+    calls: dict[str, int] = {}
+    _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(5))
+    with fused.separate_projections():
+        separate_logits, separate_grads = _logits_and_grads(fast, ids)
+    assert calls == {}
+    shared_logits, shared_grads = _logits_and_grads(fast, ids)
+    assert calls == {"ops.shared_input_linear": 2 * TINY["num_hidden_layers"]}
+    torch.testing.assert_close(shared_logits, separate_logits)
+    for name, want in separate_grads.items():
+        torch.testing.assert_close(shared_grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_hooked_or_wrapped_projections_are_called_as_modules(monkeypatch):
-    # A forward pre-hook (as DeepSpeed ZeRO-3 puts on every module to gather its weight) must run, and a
-    # Linear subclass (LoRA-like) computes something else: such projections keep their module call.
+    # A forward pre-hook (as DeepSpeed ZeRO-3 puts on every module to gather its weight) and a replaced
+    # instance forward (accelerate's offloading) must run, and a Linear subclass (LoRA-like) computes
+    # something else: such projections keep their module call.
     class Scaled(torch.nn.Linear):
         def forward(self, x):
             return 2 * super().forward(x)
@@ -131,12 +149,15 @@ def test_hooked_or_wrapped_projections_are_called_as_modules(monkeypatch):
     hooked = []
     for layer in fast.model.layers:
         layer.self_attn.k_proj.register_forward_pre_hook(lambda module, args: hooked.append(module))
+        # accelerate's offloading hooks replace the instance's forward instead of registering a hook.
+        gate = layer.mlp.gate_proj
+        gate.forward = lambda x, gate=gate: (hooked.append(gate), torch.nn.Linear.forward(gate, x))[1]
     calls: dict[str, int] = {}
     _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
     ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(4))
     want_logits, want_grads = _logits_and_grads(plain, ids)
     got_logits, got_grads = _logits_and_grads(fast, ids)
-    assert calls == {} and len(hooked) == TINY["num_hidden_layers"]
+    assert calls == {} and len(hooked) == 2 * TINY["num_hidden_layers"]
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)

@@ -90,6 +90,29 @@ def test_unused_output_frozen_weights_and_frozen_input():
     assert x2.grad is None and weights[0].grad is not None
 
 
+def _saved_shapes(x, weights, biases) -> list[tuple[int, ...]]:
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.shared_input_linear(x, weights, biases)
+    return saved
+
+
+def test_keeps_only_what_its_backward_needs():
+    # Like F.linear: the input only for weight gradients, the weights only for the input's gradient. A
+    # frozen LLM (stage 1) must not keep every layer's normed input alive until the backward.
+    weights, biases = _params((4, 6, 3), 8, torch.float32)
+    for w in weights:
+        w.requires_grad_(False)
+    assert _saved_shapes(torch.randn(5, 8, requires_grad=True), weights, biases) == [(4, 8), (6, 8), (3, 8)]
+    weights[0].requires_grad_(True)
+    assert _saved_shapes(torch.randn(5, 8), weights, biases) == [(5, 8)]
+
+
 def test_input_gradient_has_no_elementwise_sum():
     x = torch.randn(6, 16, requires_grad=True)
     weights, biases = _params((16, 8, 8), 16, torch.float32)

@@ -7,8 +7,10 @@ floating dtype and for sm_80 (A100) in bf16, with the specializations the launch
 
 The LLM layer's kernels are listed with their signatures by hand. The attention and loss kernels are
 compiled from what their launchers pass: the launchers run on CPU tensors of LLaMA-7B head and vocabulary
-widths with Triton's launch replaced by a recorder, so their tile sizes, warps and stages are the ones
-a GPU run would use, and the list cannot fall behind the launchers.
+widths with Triton's launch replaced by a recorder, so their tile sizes, warps and stages are the ones a
+GPU run would use, and the list cannot fall behind the launchers. Both compile the general variant: the
+run-time specialisations Triton adds on a GPU (integers equal to 1 as constants, 16-byte alignment hints
+for pointers and strides) are left out, so an error only in the vectorised form could still slip by.
 """
 
 from __future__ import annotations
