@@ -209,7 +209,7 @@ def run_ours(model, steps, optimizer, *, reference_ops: bool, recompute: bool):
                 )
             )
         )
-        stack.enter_context(fused.separate_projections())  # autograd sums the projections' input grads
+        stack.enter_context(fused.transformers_linears())  # projections and residual adds as transformers
         return stack
 
     def one(step):

@@ -7,6 +7,8 @@ memory. By the formulas, a LLaMA-7B layer at 13K tokens moves about 15 GB more t
 needs, about 5 ms per training step on an H100. And autograd sums the input gradients of projections
 that read one input (q/k/v, gate/up) with elementwise adds, three per layer, each reading two
 ``[tokens, hidden]`` tensors and writing one; ``shared_input_linear`` has the GEMMs accumulate them.
+Likewise each decoder layer's two residual adds become the addend of the ``o_proj`` and ``down_proj``
+GEMMs, which read the residual in their epilogue instead of a separate pass reading two tensors.
 Only modules whose class is known to compute exactly what the op computes are changed, and only their
 ``forward`` (on the instance): parameters, names, checkpoints and every other module stay transformers'
 own. Projections that are not plain ``nn.Linear`` (LoRA, quantized) or that carry hooks (DeepSpeed ZeRO-3
@@ -40,6 +42,11 @@ GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
 SILU = ("silu", "swish")
 
+DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+"""``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))``. Where its attention
+and MLP run fused, the two residual adds ride in the ``o_proj`` and ``down_proj`` GEMMs (``addmm``, the
+residual as addend); otherwise, and under autocast, transformers' own forward runs."""
+
 ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention"})
 """q/k/v projections, ``apply_rotary_pos_emb``, the attention function, ``o_proj``: in packed training (our
 attention, no KV cache, autograd recording) the rotation runs through ``ops.rotary``; otherwise
@@ -53,11 +60,16 @@ def _plain_linears(*modules: nn.Module) -> bool:
     must be called: DeepSpeed ZeRO-3 gathers a module's partitioned weight in its forward pre-hook, and
     accelerate's offloading replaces the instance's ``forward``. A weight that is a tensor subclass
     (FSDP2's DTensor, quantized wrappers) is left to its own ``F.linear`` too."""
-    return all(
-        type(m) is nn.Linear
-        and "forward" not in vars(m)
-        and type(m.weight.data) is torch.Tensor
-        and not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+    return _unhooked(*modules) and all(
+        type(m) is nn.Linear and "forward" not in vars(m) and type(m.weight.data) is torch.Tensor
+        for m in modules
+    )
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """No hook would see these modules called (theirs or the global ones): they may be skipped."""
+    return not any(
+        m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
         for m in modules
     ) and not (
         nn.modules.module._global_forward_pre_hooks
@@ -67,13 +79,14 @@ def _plain_linears(*modules: nn.Module) -> bool:
     )
 
 
-_SEPARATE = contextvars.ContextVar("llavamed_fast_separate_projections", default=False)
+_SEPARATE = contextvars.ContextVar("llavamed_fast_transformers_linears", default=False)
 
 
 @contextlib.contextmanager
-def separate_projections() -> Iterator[None]:
-    """Inside the block, fused forwards call their q/k/v and gate/up projections one by one, as
-    transformers does (benchmarks use it to attribute ``shared_input_linear``'s share)."""
+def transformers_linears() -> Iterator[None]:
+    """Inside the block, fused forwards arrange their linear layers as transformers does: the q/k/v and
+    gate/up projections one by one, the residual adds as passes of their own (benchmarks use it to
+    attribute ``shared_input_linear``'s and the residual GEMMs' share)."""
     token = _SEPARATE.set(True)
     try:
         yield
@@ -96,8 +109,13 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return type(self).forward(self, x)
+    return self.down_proj(_mlp_activation(self, x))
+
+
+def _mlp_activation(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP up to ``down_proj``: ``silu(gate_proj(x)) * up_proj(x)``."""
     gate, up = _projections(x, self.gate_proj, self.up_proj)
-    return self.down_proj(ops.swiglu(gate, up))
+    return ops.swiglu(gate, up)
 
 
 def _attention_forward(
@@ -116,6 +134,19 @@ def _attention_forward(
         return type(self).forward(
             self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
         )
+    return self.o_proj(
+        _attention_output(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    ), None
+
+
+def _attention_output(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor:
+    """The packed-training attention up to ``o_proj``: ``[B, T, H * D]``."""
     tokens = hidden_states.shape[:-1]
     shape = (*tokens, -1, self.head_dim)
     # [B, T, H, D] views of the projections: the layout the rotation and the attention op both take.
@@ -134,15 +165,79 @@ def _attention_forward(
         sliding_window=window,
         **kwargs,
     )
-    return self.o_proj(out.reshape(*tokens, -1)), None
+    return out.reshape(*tokens, -1)
+
+
+def _plus_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``residual + linear(x)`` as one GEMM with ``residual`` as its addend (beta 1): the sum is formed in
+    the GEMM's epilogue, in its float32 accumulator, and rounded once, with no elementwise pass."""
+    rows = residual.reshape(-1, residual.shape[-1])
+    return torch.addmm(rows, x.reshape(-1, x.shape[-1]), linear.weight.t()).view(residual.shape)
+
+
+def _decoder_layer_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values=None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    attn, mlp = self.self_attn, self.mlp
+    if not (
+        torch.is_grad_enabled()
+        and not _SEPARATE.get()
+        and past_key_values is None
+        and attn.config._attn_implementation == attention.ATTENTION_NAME
+        and _forward_is(attn, _attention_forward)
+        and _forward_is(mlp, _gated_mlp_forward)
+        and _unhooked(attn, mlp)
+        and _plain_linears(attn.o_proj, mlp.down_proj)
+        and attn.o_proj.bias is None
+        and mlp.down_proj.bias is None
+        # Under autocast transformers adds a half-precision branch to a float32 residual stream (the sum
+        # stays float32); a GEMM with the residual as addend would make it half precision.
+        and not torch.is_autocast_enabled(hidden_states.device.type)
+        and hidden_states.dtype == attn.o_proj.weight.dtype == mlp.down_proj.weight.dtype
+    ):
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    normed = self.input_layernorm(hidden_states)
+    out = _attention_output(
+        attn,
+        normed,
+        position_embeddings,
+        attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    hidden_states = _plus_linear(hidden_states, out, attn.o_proj)
+    return _plus_linear(
+        hidden_states, _mlp_activation(mlp, self.post_attention_layernorm(hidden_states)), mlp.down_proj
+    )
+
+
+def _forward_is(module: nn.Module, function) -> bool:
+    return getattr(vars(module).get("forward"), "__func__", None) is function
 
 
 def fuse(language_model: nn.Module) -> dict[str, int]:
     """Point the known RMSNorm and gated-MLP modules of ``language_model`` at the fused ops (idempotent).
 
-    Returns how many modules of each kind now use them, e.g. ``{"rms_norm": 65, "swiglu": 32, "rotary": 32}``
-    for a 32-layer LLaMA."""
-    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    Returns how many modules of each kind now use them, e.g. ``{"rms_norm": 65, "swiglu": 32, "rotary": 32,
+    "residual": 32}`` for a 32-layer LLaMA (``residual``: decoder layers whose residual adds ride in GEMMs)."""
+    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0, "residual": 0}
     for module in language_model.modules():
         kind = type(module).__name__
         if kind in RMS_NORMS and hasattr(module, "variance_epsilon"):
@@ -154,4 +249,12 @@ def fuse(language_model: nn.Module) -> dict[str, int]:
         elif kind in ATTENTIONS:
             module.forward = types.MethodType(_attention_forward, module)
             counts["rotary"] += 1
+    for module in language_model.modules():  # after their attention and MLP, which they rely on
+        if (
+            type(module).__name__ in DECODER_LAYERS
+            and _forward_is(module.self_attn, _attention_forward)
+            and _forward_is(module.mlp, _gated_mlp_forward)
+        ):
+            module.forward = types.MethodType(_decoder_layer_forward, module)
+            counts["residual"] += 1
     return counts

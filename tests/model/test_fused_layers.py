@@ -79,11 +79,17 @@ def _count_calls(monkeypatch, kernels, key: str, calls: dict) -> None:
 def _check_against_plain(model_type, monkeypatch, attn_implementation):
     calls = _counted_kernels(monkeypatch)
     _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
+    _count_calls(monkeypatch, fused, "fused._plus_linear", calls)
     plain = _model(model_type)
     fast = copy.deepcopy(plain)
     fast.set_attn_implementation(attn_implementation)
     layers = TINY["num_hidden_layers"]
-    assert fused.fuse(fast) == {"rms_norm": 2 * layers + 1, "swiglu": layers, "rotary": layers}
+    assert fused.fuse(fast) == {
+        "rms_norm": 2 * layers + 1,
+        "swiglu": layers,
+        "rotary": layers,
+        "residual": layers,
+    }
     ids = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
     want_logits, want_grads = _logits_and_grads(plain, ids)
     with ops.use_backend(rms_norm="triton", swiglu="triton", rotary="triton"):
@@ -102,7 +108,8 @@ def test_fused_llm_matches_transformers(model_type, monkeypatch):
     layers = TINY["num_hidden_layers"]
     want = {"TritonRmsNorm": 2 * layers + 1, "TritonSwiglu": layers, "TritonRotary": layers}
     want_calls = {f"{k}.{way}": n for k, n in want.items() for way in ("forward", "backward")}
-    assert calls == {**want_calls, "ops.shared_input_linear": 2 * layers}  # q/k/v and gate/up
+    # q/k/v and gate/up; the two residual adds of each layer in its o_proj and down_proj GEMMs
+    assert calls == {**want_calls, "ops.shared_input_linear": 2 * layers, "fused._plus_linear": 2 * layers}
 
 
 def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
@@ -110,20 +117,23 @@ def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
     calls = _check_against_plain("llama", monkeypatch, "sdpa")
     assert "TritonRotary.forward" not in calls and calls["TritonSwiglu.forward"] == TINY["num_hidden_layers"]
     assert calls["ops.shared_input_linear"] == TINY["num_hidden_layers"]  # the MLPs' gate/up only
+    assert "fused._plus_linear" not in calls  # the layers run transformers' forward around SDPA
 
 
-def test_separate_projections_turns_the_shared_linear_off(monkeypatch):
+def test_transformers_linears_turns_the_linear_fusions_off(monkeypatch):
     fast = _model("qwen2")  # q/k/v with biases
     fast.set_attn_implementation(attention.register())
     fused.fuse(fast)
     calls: dict[str, int] = {}
     _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
+    _count_calls(monkeypatch, fused, "fused._plus_linear", calls)
     ids = torch.randint(0, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(5))
-    with fused.separate_projections():
+    with fused.transformers_linears():
         separate_logits, separate_grads = _logits_and_grads(fast, ids)
     assert calls == {}
     shared_logits, shared_grads = _logits_and_grads(fast, ids)
-    assert calls == {"ops.shared_input_linear": 2 * TINY["num_hidden_layers"]}
+    layers = TINY["num_hidden_layers"]
+    assert calls == {"ops.shared_input_linear": 2 * layers, "fused._plus_linear": 2 * layers}
     torch.testing.assert_close(shared_logits, separate_logits)
     for name, want in separate_grads.items():
         torch.testing.assert_close(shared_grads[name], want, rtol=1e-5, atol=1e-6, msg=name)
@@ -180,16 +190,19 @@ def test_without_gradients_transformers_forwards_run(monkeypatch):
 def test_other_activations_and_norms_are_left_alone():
     # Gemma's norm scales by (1 + weight) and its MLP is GELU-gated: neither is what the ops compute.
     gemma = _model("gemma", head_dim=16)
-    assert fused.fuse(gemma) == {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    assert fused.fuse(gemma) == {"rms_norm": 0, "swiglu": 0, "rotary": 0, "residual": 0}
     llama_gelu = _model("llama", hidden_act="gelu")
-    assert fused.fuse(llama_gelu) == {"rms_norm": 5, "swiglu": 0, "rotary": 2}
+    assert fused.fuse(llama_gelu) == {"rms_norm": 5, "swiglu": 0, "rotary": 2, "residual": 0}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_float32_weights_under_autocast_match_transformers(backend):
+def test_float32_weights_under_autocast_match_transformers(backend, monkeypatch):
     # How the plain engine trains on a GPU: float32 weights, autocast to half precision. transformers then
     # rotates half-precision q/k with float32 cos/sin and hands SDPA float32 q/k with a half-precision v;
     # the fused path rotates in float32 and rounds once, and our attention casts as autocast casts SDPA.
+    # The residual stream stays float32 as in transformers: no residual add rides in a half-precision GEMM.
+    calls: dict[str, int] = {}
+    _count_calls(monkeypatch, fused, "fused._plus_linear", calls)
     plain = _model("llama")
     fast = copy.deepcopy(plain)
     fast.set_attn_implementation(attention.register())
@@ -199,6 +212,7 @@ def test_float32_weights_under_autocast_match_transformers(backend):
         want_logits, want_grads = _logits_and_grads(plain, ids)
         with ops.use_backend(rms_norm=backend, swiglu=backend, rotary=backend):
             got_logits, got_grads = _logits_and_grads(fast, ids)
+    assert calls == {}
     torch.testing.assert_close(got_logits, want_logits, rtol=2e-3, atol=2e-3)
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, rtol=2e-2, atol=1e-4, msg=name)
