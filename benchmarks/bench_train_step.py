@@ -372,8 +372,7 @@ def profile_steps(key: str, one, steps, device) -> dict:
     time the GPU was busy (the rest is host work and waiting), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    for step in steps:  # warm, as in time_steps: no first-sight compiles inside the profile
-        one(step)
+    # Called after `measure` on the same model and rows: every shape is compiled and the pool is grown.
     synchronize(device)
     chosen = steps[:3]  # up to three steps (one when a step is the whole pass)
     began = time.perf_counter()
@@ -415,13 +414,9 @@ def profile_steps(key: str, one, steps, device) -> dict:
         "gpu_busy_fraction": round(busy / wall_us, 3),
         "kernel_ms_per_step": {k: round(v / len(chosen) / 1e3, 2) for k, v in sorted(kinds.items())},
         # The profiled rows' size: kernel time per token, and kernel-time MFU, against the timed passes'.
-        "tokens_per_step": _our_tokens_mean(chosen),
+        "tokens_per_step": sum(_our_tokens(s) for s in chosen) / len(chosen),
         "flops_per_step": sum(_our_flops(s) for s in chosen) / len(chosen),
     }
-
-
-def _our_tokens_mean(steps) -> float:
-    return sum(_our_tokens(s) for s in steps) / len(steps)
 
 
 def measure_more_layers(
@@ -438,7 +433,7 @@ def measure_more_layers(
     the same rows too, and the difference gives one layer's kernel time by kind: what a layer spends
     outside its GEMMs, which is what stands between the per-layer MFU and the GEMM rate."""
     items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
-    steps = our_steps(model, items, args.budget, device, dtype, stage, args.step_samples or args.samples)
+    steps = our_steps(model, items, args.budget, device, dtype, stage, args.step_samples)
     opt = optimizer_for(trainable(model, stage), device)
     one = run_ours(model, steps, opt, reference_ops=False, recompute=args.recompute)
     row = measure("ours", one, steps, _our_tokens, _our_flops, args.passes, device, peak)
@@ -520,7 +515,7 @@ def main() -> None:
         type=int,
         default=0,
         help="samples per optimizer step, ours and the baseline alike (default: all of --samples, one step "
-        "a pass, near the paper's batch of 128); 8 steps after every row",
+        "a pass, near the paper's batch of 128; 8: a step after about every row or padded batch)",
     )
     parser.add_argument("--baseline-batch", type=int, default=8, help="samples per padded batch (baseline)")
     parser.add_argument("--samples", type=int, default=96)
@@ -549,7 +544,7 @@ def main() -> None:
     if args.smoke:
         args.samples, args.budget, args.baseline_batch, args.passes = 8, 512, 2, 1
     peak = peak_tflops(device, dtype)
-    step_samples = args.step_samples or args.samples
+    args.step_samples = step_samples = args.step_samples or args.samples
     variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     rows, headline, failures = [], {"layers": args.layers, "samples_per_step": step_samples}, []

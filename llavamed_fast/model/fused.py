@@ -79,7 +79,7 @@ def _unhooked(*modules: nn.Module) -> bool:
     )
 
 
-_SEPARATE = contextvars.ContextVar("llavamed_fast_transformers_linears", default=False)
+_TRANSFORMERS_LINEARS = contextvars.ContextVar("llavamed_fast_transformers_linears", default=False)
 
 
 @contextlib.contextmanager
@@ -87,15 +87,15 @@ def transformers_linears() -> Iterator[None]:
     """Inside the block, fused forwards arrange their linear layers as transformers does: the q/k/v and
     gate/up projections one by one, the residual adds as passes of their own (benchmarks use it to
     attribute ``shared_input_linear``'s and the residual GEMMs' share)."""
-    token = _SEPARATE.set(True)
+    token = _TRANSFORMERS_LINEARS.set(True)
     try:
         yield
     finally:
-        _SEPARATE.reset(token)
+        _TRANSFORMERS_LINEARS.reset(token)
 
 
 def _projections(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    if not _SEPARATE.get() and _plain_linears(*modules):
+    if not _TRANSFORMERS_LINEARS.get() and _plain_linears(*modules):
         return ops.shared_input_linear(x, [m.weight for m in modules], [m.bias for m in modules])
     return tuple(m(x) for m in modules)
 
@@ -188,7 +188,7 @@ def _decoder_layer_forward(
     attn, mlp = self.self_attn, self.mlp
     if not (
         torch.is_grad_enabled()
-        and not _SEPARATE.get()
+        and not _TRANSFORMERS_LINEARS.get()
         and past_key_values is None
         and attn.config._attn_implementation == attention.ATTENTION_NAME
         and _forward_is(attn, _attention_forward)
