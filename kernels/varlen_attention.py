@@ -4,6 +4,13 @@ Layout: ``q [T, H, D]``, ``k/v [T, H_kv, D]`` hold the concatenated samples of o
 ``cu_seqlens [S + 1]`` (int32) marks where each sample starts. Every program reads its sample's bounds from
 ``cu_seqlens`` and never loads a row outside them, so no sample can see another.
 
+Programs are laid out over the row's tiles, not over ``samples x cdiv(max_seqlen, BLOCK)``: program ``p``
+takes the ``p``-th tile of the row, finding its sample from ``cu_seqlens`` itself (``_tile_of``). A grid
+sized for the longest sample would launch mostly empty programs on real rows (a stage-1 row of 16K tokens
+holds ~38 samples of ~430 tokens and, now and then, one of 2048: about 80 % of such a grid is empty), and
+the host cannot size the grid exactly without reading ``cu_seqlens`` back (a sync); ``T // BLOCK + S``
+bounds the tile count, so at most ``S`` programs per head find no tile.
+
 The file reads top to bottom: the ``@triton.jit`` kernels, the host launchers (checks, allocation, block
 sizes, grids), then :class:`TritonVarlenAttention`, the backend object the op registry loads.
 
@@ -28,12 +35,35 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Register pressure, not correctness, sets the limit: the forward keeps a [BLOCK_M, D] fp32 accumulator
 # and the dK/dV kernel two [BLOCK_N, D] ones per program; beyond 128 the block sizes below would spill.
 _MAX_HEAD_DIM = 128
-# CUDA limits grid dimensions y and z to 65535; samples ride on y.
-_MAX_SAMPLES = 65535
+# CUDA limits grid dimensions y and z to 65535; heads ride on y.
+_MAX_HEADS = 65535
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def _tile_of(CU_SEQLENS, num_samples, tile, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """``(sample, block)``: the row's ``tile``-th tile of ``BLOCK`` rows is block ``block`` of ``sample``,
+    counting each sample's ``cdiv(length, BLOCK)`` tiles in order; ``sample == num_samples`` past the last.
+
+    A prefix sum of the tile counts, ``CHUNK`` samples at a time: one step for the rows training sees.
+    """
+    samples_before = 0  # samples whose tiles all come before this one
+    tiles_before = 0
+    seen = 0  # tiles of every sample read so far
+    for first in range(0, num_samples, CHUNK):
+        idx = first + tl.arange(0, CHUNK)
+        valid = idx < num_samples
+        lo = tl.load(CU_SEQLENS + idx, mask=valid, other=0)
+        hi = tl.load(CU_SEQLENS + idx + 1, mask=valid, other=0)
+        count = tl.where(valid, (hi - lo + BLOCK - 1) // BLOCK, 0)
+        before = valid & (tl.cumsum(count, 0) + seen <= tile)
+        samples_before += tl.sum(before.to(tl.int32), 0)
+        tiles_before += tl.sum(tl.where(before, count, 0), 0)
+        seen += tl.sum(count, 0)
+    return samples_before, tile - tiles_before
 
 
 @triton.jit
@@ -89,6 +119,7 @@ def _varlen_attention_fwd_kernel(
     OUT,
     LSE,
     CU_SEQLENS,
+    num_samples,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -106,15 +137,18 @@ def _varlen_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    sample = tl.program_id(1)
-    head = tl.program_id(2).to(tl.int64)
+    sample, block_m = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_M, CHUNK)
+    if sample >= num_samples:  # the grid bounds the tile count from above
+        return
+    head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
+    if CAUSAL:
+        # A sample's last query tiles see the most keys: they start first, so the short ones fill the tail.
+        block_m = tl.cdiv(seqlen, BLOCK_M) - 1 - block_m
     m0 = block_m * BLOCK_M
-    if m0 >= seqlen:  # the grid is sized for the longest sample
-        return
     kv_head = head // GROUPS
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -243,6 +277,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     DK,
     DV,
     CU_SEQLENS,
+    num_samples,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -265,15 +300,16 @@ def _varlen_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    sample = tl.program_id(1)
-    kv_head = tl.program_id(2).to(tl.int64)
+    # Causal key tiles in order are already heaviest first: the first keys are seen by every query.
+    sample, block_n = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_N, CHUNK)
+    if sample >= num_samples:
+        return
+    kv_head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
     n0 = block_n * BLOCK_N
-    if n0 >= seqlen:
-        return
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -375,6 +411,7 @@ def _varlen_attention_bwd_dq_kernel(
     DELTA,
     DQ,
     CU_SEQLENS,
+    num_samples,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -395,15 +432,17 @@ def _varlen_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    sample = tl.program_id(1)
-    head = tl.program_id(2).to(tl.int64)
+    sample, block_m = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_M, CHUNK)
+    if sample >= num_samples:
+        return
+    head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
+    if CAUSAL:
+        block_m = tl.cdiv(seqlen, BLOCK_M) - 1 - block_m  # heaviest first, as the forward
     m0 = block_m * BLOCK_M
-    if m0 >= seqlen:
-        return
     kv_head = head // GROUPS
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -457,6 +496,8 @@ class _Config(NamedTuple):
     dkdv: _Blocks
     dq: _Blocks
     preprocess: _Blocks  # m: token rows per program; n unused
+    # Samples per step of ``_tile_of``'s prefix sum: a whole training row's (~20-60) in one step.
+    chunk: int = 128
 
 
 def _config(block_d: int, interpret: bool) -> _Config:
@@ -476,7 +517,8 @@ def _config(block_d: int, interpret: bool) -> _Config:
     row, 32/8 heads, D = 128, bf16): 4 warps beat 8 for both kernels at D = 128 (backward 3.09 ms -> 2.06 ms
     from the dK/dV kernel, -> 2.65 ms from the dQ kernel, each changed alone; 8 warps had been chosen for
     the register count), and wider tiles (32 x 128, 64 x 128, 128 x 32) were slower than 4-warp 32 x 64.
-    Interpreter (tests): half the GPU tiles. The interpreter's time grows with the number of tile steps,
+    Interpreter (tests): half the GPU tiles, and 4 samples per step of the tile search, so that rows of a
+    few samples already take several steps. The interpreter's time grows with the number of tile steps,
     so smaller tiles only slow the tests down; test sequences of 30-200 tokens still cross several tiles,
     and the tests run other tile shapes (the GPU's among them) by replacing this function.
     """
@@ -486,6 +528,7 @@ def _config(block_d: int, interpret: bool) -> _Config:
             dkdv=_Blocks(32, 64, 4, 1),
             dq=_Blocks(64, 32, 4, 1),
             preprocess=_Blocks(64, 0, 4, 1),
+            chunk=4,
         )
     wide = block_d > 64
     return _Config(
@@ -538,8 +581,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
             raise ValueError(f"{_OP}: {name} is on {t.device}, q on {device}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{_OP}: cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.numel() - 1 > _MAX_SAMPLES:
-        raise ValueError(f"{_OP}: {cu_seqlens.numel() - 1} samples in one row; at most {_MAX_SAMPLES}")
+    if q.shape[1] > _MAX_HEADS:
+        raise ValueError(f"{_OP}: {q.shape[1]} heads; at most {_MAX_HEADS}")
+
+
+def _tiles(tokens: int, samples: int, block: int) -> int:
+    """Programs per head: the row's tile count is ``sum(cdiv(length, block)) <= tokens // block + samples``."""
+    return tokens // block + samples
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -554,19 +602,20 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     tokens, heads, head_dim = q.shape
     lse = torch.empty((heads, tokens), dtype=torch.float32, device=q.device)
     samples = cu_seqlens.numel() - 1
-    if tokens == 0 or samples == 0 or max_seqlen <= 0:
+    if tokens == 0 or samples == 0:
         return result[0], lse
     q, k, v, cu_seqlens = _unit_last(q), _unit_last(k), _unit_last(v), cu_seqlens.contiguous()
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    blocks = _config(block_d, _INTERPRET).forward
-    grid = (triton.cdiv(max_seqlen, blocks.m), samples, heads)
-    _varlen_attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens,
+    config = _config(block_d, _INTERPRET)
+    blocks = config.forward
+    _varlen_attention_fwd_kernel[(_tiles(tokens, samples, blocks.m), heads)](
+        q, k, v, out, lse, cu_seqlens, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * _LOG2E,
         GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=blocks.warps, num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=_precision(q.dtype), CHUNK=config.chunk, num_warps=blocks.warps,
+        num_stages=blocks.stages,
     )  # fmt: skip
     return (*_settle(result), lse)
 
@@ -577,7 +626,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     dq, dk, dv = (buffer for _, buffer in results)
     tokens, heads, head_dim = q.shape
     samples = cu_seqlens.numel() - 1
-    if tokens == 0 or samples == 0 or max_seqlen <= 0:
+    if tokens == 0 or samples == 0:
         return _settle(*results)
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
     lse, cu_seqlens = lse.contiguous(), cu_seqlens.contiguous()
@@ -595,23 +644,25 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     )  # fmt: skip
 
     blocks = config.dkdv
-    _varlen_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, blocks.n), samples, kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
+    _varlen_attention_bwd_dkdv_kernel[(_tiles(tokens, samples, blocks.n), kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         scale * _LOG2E, scale,
         GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=precision, num_warps=blocks.warps, num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=precision, CHUNK=config.chunk, num_warps=blocks.warps,
+        num_stages=blocks.stages,
     )  # fmt: skip
 
     blocks = config.dq
-    _varlen_attention_bwd_dq_kernel[(triton.cdiv(max_seqlen, blocks.m), samples, heads)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens,
+    _varlen_attention_bwd_dq_kernel[(_tiles(tokens, samples, blocks.m), heads)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         scale * _LOG2E, scale,
         GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=precision, num_warps=blocks.warps, num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=precision, CHUNK=config.chunk, num_warps=blocks.warps,
+        num_stages=blocks.stages,
     )  # fmt: skip
     return _settle(*results)
 
@@ -624,9 +675,9 @@ class TritonVarlenAttention:
     """The ``triton`` backend of ``llavamed_fast::varlen_attention``.
 
     ``q [T, H, D]``, ``k/v [T, H_kv, D]`` (``H % H_kv == 0``; float16, bfloat16 or float32; ``D <= 128``),
-    ``cu_seqlens [S + 1]`` int32 with ``cu_seqlens[S] == T``, ``max_seqlen`` the longest sample (it sizes
-    the grid; a smaller value leaves rows uncomputed). Rows are computed in fp32 and written in the input
-    dtype; ``lse [H, T]`` is float32.
+    ``cu_seqlens [S + 1]`` int32 with ``cu_seqlens[S] == T``; ``max_seqlen`` (the longest sample) is not
+    needed here, the programs find their tiles in ``cu_seqlens``. Rows are computed in fp32 and written in
+    the input dtype; ``lse [H, T]`` is float32.
     """
 
     @staticmethod

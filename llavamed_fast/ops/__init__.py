@@ -81,7 +81,8 @@ def varlen_attention(
         q: ``[T, H, D]`` queries of all samples, concatenated (float32/float16/bfloat16).
         k, v: ``[T, H_kv, D]`` with ``H % H_kv == 0`` (GQA/MQA when ``H_kv < H``), same dtype as ``q``.
         cu_seqlens: ``[S + 1]`` int32, sample boundaries: ``0 = c[0] <= c[1] <= ... <= c[S] = T``.
-        max_seqlen: the longest sample (``max(c[i+1] - c[i])``); sizes the fast kernels' grids.
+        max_seqlen: the longest sample (``max(c[i+1] - c[i])``); flash-attn's and torch's kernels size
+            their grids with it.
         causal: mask future tokens within each sample.
         scale: softmax scale, default ``D ** -0.5``.
 

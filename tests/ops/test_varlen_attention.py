@@ -19,6 +19,8 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from accuracy import assert_as_accurate_as_plain
 from torch.library import opcheck
 
@@ -171,6 +173,30 @@ def test_other_tile_shapes(monkeypatch, tiles, causal):
         kernels, "_config", lambda block_d, interpret: config or original(block_d, interpret=False)
     )
     _check_against_oracle([140, 1, 0, 45], 2, 1, 64, torch.float32, causal, None, seed=3)
+
+
+@triton.jit
+def _tile_map_kernel(CU_SEQLENS, num_samples, SAMPLE, BLOCK_OF, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    sample, block = kernels._tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK, CHUNK)
+    tl.store(SAMPLE + tl.program_id(0), sample)
+    tl.store(BLOCK_OF + tl.program_id(0), block)
+
+
+@interpreter
+@pytest.mark.parametrize(("block", "chunk"), [(16, 4), (64, 4), (16, 128)])
+def test_tile_search_finds_each_tile_once(block, chunk):
+    # Programs find their (sample, tile) from cu_seqlens; a grid of tokens // block + samples programs
+    # must cover every tile of every sample once, in order, and the rest must find none. Empty samples
+    # (first, inside, last), lengths on and off the block, more samples than one step of the search.
+    lengths = [0, 16, 1, 0, 47, 16, 33, 0, 5, 64, 17, 0]
+    expected = [(s, b) for s, n in enumerate(lengths) for b in range(-(-n // block))]
+    programs = kernels._tiles(sum(lengths), len(lengths), block)
+    sample = torch.full((programs,), -1, dtype=torch.int32)
+    block_of = torch.full((programs,), -1, dtype=torch.int32)
+    _tile_map_kernel[(programs,)](_cu(lengths), len(lengths), sample, block_of, BLOCK=block, CHUNK=chunk)
+    found = list(zip(sample.tolist(), block_of.tolist(), strict=True))
+    assert found[: len(expected)] == expected
+    assert all(s == len(lengths) for s, _ in found[len(expected) :])
 
 
 @interpreter
