@@ -1,11 +1,13 @@
-"""rms_norm, swiglu and rotary: the fused Triton kernels vs transformers' eager formulas, same run.
+"""rms_norm, residual_rms_norm, swiglu and rotary: the fused Triton kernels vs transformers' eager formulas.
 
 Default shapes: one packed row of 16,384 tokens through a LLaMA-7B layer (hidden 4096, MLP 11008, 32
 heads of 128; ``--kv-heads 8`` for Mistral), bf16. Eager is the ops' torch backend, which is transformers'
 own formula under autograd. Forward+backward of each op, with its weight trained (stage 2) and the
 bandwidth it reaches on the bytes it must move (inputs read and outputs written once, forward and
-backward), against the device's measured copy bandwidth. Last line: JSON with each op's speedup and the
-milliseconds the three save per layer (two norms, one MLP activation, one rotation of q and k).
+backward), against the device's measured copy bandwidth. ``residual_rms_norm`` is the norm as a decoder
+layer uses it, its input also the residual stream: eager, autograd adds the stream's gradient to the
+norm's in a pass of its own. Last line: JSON with each op's speedup and the milliseconds they save per
+layer (two norms of the residual stream, one MLP activation, one rotation of q and k), same run.
 ``--smoke`` runs tiny shapes on the CPU (under ``TRITON_INTERPRET=1``) to check the script.
 """
 
@@ -22,7 +24,8 @@ from llavamed_fast import ops
 
 def _cases(args, device, dtype) -> dict:
     """``op: (call, leaves, bytes moved forward+backward, uses per layer)``; ``call`` runs the op on the
-    backend chosen around it and ``leaves`` are the inputs that take gradients."""
+    backend chosen around it and ``leaves`` are the inputs that take gradients. A layer's norms are counted
+    as ``residual_rms_norm``, so plain ``rms_norm`` (the model's final norm) counts for none."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def leaf(*shape, scale=1.0):
@@ -37,7 +40,14 @@ def _cases(args, device, dtype) -> dict:
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     return {
         # fwd: read x, write y; bwd: read x and dy, write dx (the weight and 1/rms are small)
-        "rms_norm": (lambda: ops.rms_norm(x, weight, 1e-5), [x, weight], 5 * x.numel() * size, 2),
+        "rms_norm": (lambda: ops.rms_norm(x, weight, 1e-5), [x, weight], 5 * x.numel() * size, 0),
+        # the same, and bwd reads the residual stream's gradient too; a decoder layer's two norms
+        "residual_rms_norm": (
+            lambda: ops.residual_rms_norm(x, weight, 1e-5),
+            [x, weight],
+            6 * x.numel() * size,
+            2,
+        ),
         # fwd: read gate and up, write out; bwd: read dout, gate and up, write dgate and dup
         "swiglu": (lambda: ops.swiglu(gate, up), [gate, up], 8 * gate.numel() * size, 1),
         # fwd: read q and k, write them rotated; bwd: the same on their gradients
@@ -76,7 +86,7 @@ def main() -> None:
                 continue
 
             def step(backend=backend, op=op, call=call, leaves=leaves):
-                with ops.use_backend(**{op: backend}):
+                with ops.use_backend(**{op.removeprefix("residual_"): backend}):
                     out = call()
                 outs = out if isinstance(out, tuple) else (out,)
                 torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])

@@ -5,7 +5,10 @@ in ``reference.rms_norm``, which is transformers' LLaMA/Mistral/Qwen2 RMSNorm). 
 as six elementwise kernels and a reduction, each a trip through memory in float32, and autograd saves a
 float32 copy of the input: about ten times the traffic of reading the input and writing the output once.
 Here the forward reads a row, reduces it and writes the output and the row's ``1/rms`` (float32, 4 bytes a
-row); the backward reads the input, the output gradient and ``1/rms`` and writes the input gradient.
+row); the backward reads the input, the output gradient and ``1/rms`` and writes the input gradient. In a
+decoder layer the norm's input is also the residual stream, whose gradient autograd would add to the
+norm's input gradient in a pass of its own (two reads, one write); given that gradient, the backward adds it
+to the row before writing it (``ops.residual_rms_norm``).
 
 Rounding follows transformers: the normalized row is rounded to the input dtype before the weight
 multiplies it, so the output matches it up to the order of the sum of squares and the ulp or two of
@@ -58,6 +61,7 @@ def _rms_norm_backward_kernel(
     x_ptr,
     w_ptr,
     rstd_ptr,
+    dres_ptr,
     dx_ptr,
     dw_partial_ptr,
     n_rows,
@@ -65,12 +69,15 @@ def _rms_norm_backward_kernel(
     rows_per_program,
     dy_stride,
     x_stride,
+    dres_stride,
     dx_stride,
+    HAS_DRES: tl.constexpr,
     NEEDS_DW: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Rows ``pid * rows_per_program ..``: ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * w``,
-    and this block's ``sum(dy * round(xhat))`` into row ``pid`` of the weight-gradient partials."""
+    """Rows ``pid * rows_per_program ..``: ``dx = rstd * (g - xhat * mean(g * xhat)) (+ dres)`` with
+    ``g = dy * w``, and this block's ``sum(dy * round(xhat))`` into row ``pid`` of the weight-gradient
+    partials."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < n_cols
@@ -88,6 +95,8 @@ def _rms_norm_backward_kernel(
         g = dy * w
         mean_gx = tl.sum(g * xhat, axis=0) / n_cols
         dx = (g - xhat * mean_gx) * rstd
+        if HAS_DRES:  # the residual stream's gradient, added before the one rounding to the output dtype
+            dx += tl.load(dres_ptr + row64 * dres_stride + cols, mask=mask, other=0.0).to(compute_type)
         tl.store(dx_ptr + row64 * dx_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEEDS_DW:
             dw += dy * xhat.to(x_raw.dtype).to(compute_type)
@@ -146,11 +155,20 @@ def _programs(device: torch.device, n_rows: int) -> int:
 
 
 def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, needs_weight_grad: bool
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    needs_weight_grad: bool,
+    dresidual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dx, dweight)``; ``dweight`` is None unless asked for."""
+    """``(dx, dweight)``; ``dweight`` is None unless asked for. ``dresidual`` (like ``x``), if given, is
+    added to ``dx``."""
     rows = _rows(x)
     grads = _rows(dy)
+    if dresidual is not None and dresidual.shape != x.shape:
+        raise ValueError(f"residual gradient {tuple(dresidual.shape)} does not match x {tuple(x.shape)}")
+    extra = grads if dresidual is None else _rows(dresidual)  # a placeholder pointer when there is none
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows, n_cols = rows.shape
     programs = _programs(x.device, n_rows)
@@ -165,6 +183,7 @@ def rms_norm_backward(
             rows,
             weight.contiguous(),
             rstd,
+            extra,
             dx.view(-1, n_cols),
             partial,
             n_rows,
@@ -172,7 +191,9 @@ def rms_norm_backward(
             per_program,
             grads.stride(0),
             rows.stride(0),
+            extra.stride(0),
             n_cols,
+            HAS_DRES=dresidual is not None,
             NEEDS_DW=needs_weight_grad,
             BLOCK_D=block,
             num_warps=_warps(block),

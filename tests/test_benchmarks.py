@@ -16,7 +16,13 @@ CASES = {
     "bench_linear_cross_entropy.py": (["--smoke"], {"speedup_vs_eager", "memory_vs_eager"}),
     "bench_llm_layer_ops.py": (
         ["--smoke"],
-        {"rms_norm_speedup", "swiglu_speedup", "rotary_speedup", "layer_ms_saved"},
+        {
+            "rms_norm_speedup",
+            "residual_rms_norm_speedup",
+            "swiglu_speedup",
+            "rotary_speedup",
+            "layer_ms_saved",
+        },
     ),
     "bench_projector.py": (["--smoke"], {"fraction_of_gemm_rate", "measured_gemm_tflops"}),
     "bench_curation.py": (["--smoke"], {"requests_per_s", "ideal_requests_per_s", "fraction_of_ideal"}),

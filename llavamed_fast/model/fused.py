@@ -8,7 +8,9 @@ needs, about 5 ms per training step on an H100. And autograd sums the input grad
 that read one input (q/k/v, gate/up) with elementwise adds, three per layer, each reading two
 ``[tokens, hidden]`` tensors and writing one; ``shared_input_linear`` has the GEMMs accumulate them.
 Likewise each decoder layer's two residual adds become the addend of the ``o_proj`` and ``down_proj``
-GEMMs, which read the residual in their epilogue instead of a separate pass reading two tensors.
+GEMMs, which read the residual in their epilogue instead of a separate pass reading two tensors, and in
+the backward the residual stream's gradient is added to each norm's input gradient inside the norm's
+kernel (``ops.residual_rms_norm``) instead of by autograd in a pass of its own.
 Only modules whose class is known to compute exactly what the op computes are changed, and only their
 ``forward`` (on the instance): parameters, names, checkpoints and every other module stay transformers'
 own. Projections that are not plain ``nn.Linear`` (LoRA, quantized) or that carry hooks (DeepSpeed ZeRO-3
@@ -212,7 +214,7 @@ def _decoder_layer_forward(
             position_embeddings=position_embeddings,
             **kwargs,
         )
-    normed = self.input_layernorm(hidden_states)
+    normed, hidden_states = _residual_norm(self.input_layernorm, hidden_states)
     out = _attention_output(
         attn,
         normed,
@@ -223,9 +225,16 @@ def _decoder_layer_forward(
         **kwargs,
     )
     hidden_states = _plus_linear(hidden_states, out, attn.o_proj)
-    return _plus_linear(
-        hidden_states, _mlp_activation(mlp, self.post_attention_layernorm(hidden_states)), mlp.down_proj
-    )
+    normed, hidden_states = _residual_norm(self.post_attention_layernorm, hidden_states)
+    return _plus_linear(hidden_states, _mlp_activation(mlp, normed), mlp.down_proj)
+
+
+def _residual_norm(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x), x)``; where the norm is ours and unhooked, the residual stream ``x`` goes on through
+    ``ops.residual_rms_norm``, so that its gradient is summed in the norm's backward kernel."""
+    if _forward_is(norm, _rms_norm_forward) and _unhooked(norm):
+        return ops.residual_rms_norm(x, norm.weight, norm.variance_epsilon)
+    return norm(x), x
 
 
 def _forward_is(module: nn.Module, function) -> bool:

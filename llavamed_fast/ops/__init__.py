@@ -34,6 +34,7 @@ __all__ = [
     "linear_cross_entropy",
     "packing",
     "projector",
+    "residual_rms_norm",
     "rms_norm",
     "rotary",
     "shared_input_linear",
@@ -230,6 +231,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if backend == "torch":
         return reference.rms_norm(x, weight, eps)
     return _library.rms_norm_op(x, weight, float(eps), backend)[0]
+
+
+def residual_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x, weight, eps), x)`` for a norm whose input is also the residual stream.
+
+    The second output is ``x`` handed on (a view of it): use it, not ``x``, where the residual stream goes
+    on. Its gradient is then added to the norm's input gradient by the norm's backward kernel, rather than
+    by autograd in an elementwise pass of its own (two reads and a write of ``[tokens, hidden]``, twice per
+    decoder layer). On the torch backend this is ``(reference.rms_norm(...), x)`` and autograd adds.
+    """
+    _check(x.dim() >= 1 and weight.dim() == 1, "x must be [..., D] and weight [D]")
+    _check(x.shape[-1] == weight.shape[0], f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    backend = REGISTRY.resolve("rms_norm", x.device.type)
+    if backend == "torch":
+        return reference.rms_norm(x, weight, eps), x
+    return _library.ResidualRmsNorm.apply(x, weight, float(eps), backend)
 
 
 def rotary(

@@ -277,15 +277,16 @@ def rms_norm_backward_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     rstd: torch.Tensor,
+    dresidual: torch.Tensor | None,
     needs_weight_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dweight = _kernels("rms_norm", backend).backward(dy, x, weight, rstd, needs_weight_grad)
+    dx, dweight = _kernels("rms_norm", backend).backward(dy, x, weight, rstd, needs_weight_grad, dresidual)
     return dx, _empty(weight) if dweight is None else dweight
 
 
 @rms_norm_backward_op.register_fake
-def _(dy, x, weight, rstd, needs_weight_grad, backend):
+def _(dy, x, weight, rstd, dresidual, needs_weight_grad, backend):
     return x.new_empty(x.shape), weight.new_empty(weight.shape if needs_weight_grad else (0,))
 
 
@@ -301,8 +302,42 @@ def _rms_norm_backward(ctx, dy, _drstd):
         return None, None, None, None
     x, weight, rstd = ctx.saved_tensors
     needs_weight_grad = bool(ctx.needs_input_grad[1])
-    dx, dweight = rms_norm_backward_op(dy.contiguous(), x, weight, rstd, needs_weight_grad, ctx.backend)
+    dx, dweight = rms_norm_backward_op(dy.contiguous(), x, weight, rstd, None, needs_weight_grad, ctx.backend)
     return dx, dweight if needs_weight_grad else None, None, None
+
+
+class ResidualRmsNorm(torch.autograd.Function):
+    """``apply(x, weight, eps, backend)`` -> ``(rms_norm(x), x)``: the second output hands the residual stream
+    on, and its gradient is added to the input gradient inside the norm's backward kernel.
+
+    A custom op may not return its input, so this is an autograd Function around the two custom ops (a
+    compiled graph still sees them as opaque nodes); autograd treats the returned ``x`` as a view of it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
+        y, rstd = rms_norm_op(x, weight, eps, backend)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        return y, x
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor | None, dresidual: torch.Tensor | None):
+        if dy is None:
+            return dresidual, None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        needs_weight_grad = bool(ctx.needs_input_grad[1])
+        dx, dweight = rms_norm_backward_op(
+            dy.contiguous(),
+            x,
+            weight,
+            rstd,
+            None if dresidual is None else dresidual.contiguous(),
+            needs_weight_grad,
+            ctx.backend,
+        )
+        return dx, dweight if needs_weight_grad else None, None, None
 
 
 rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)

@@ -80,6 +80,7 @@ def _check_against_plain(model_type, monkeypatch, attn_implementation):
     calls = _counted_kernels(monkeypatch)
     _count_calls(monkeypatch, ops, "ops.shared_input_linear", calls)
     _count_calls(monkeypatch, fused, "fused._plus_linear", calls)
+    _count_calls(monkeypatch, ops, "ops.residual_rms_norm", calls)
     plain = _model(model_type)
     fast = copy.deepcopy(plain)
     fast.set_attn_implementation(attn_implementation)
@@ -108,8 +109,14 @@ def test_fused_llm_matches_transformers(model_type, monkeypatch):
     layers = TINY["num_hidden_layers"]
     want = {"TritonRmsNorm": 2 * layers + 1, "TritonSwiglu": layers, "TritonRotary": layers}
     want_calls = {f"{k}.{way}": n for k, n in want.items() for way in ("forward", "backward")}
-    # q/k/v and gate/up; the two residual adds of each layer in its o_proj and down_proj GEMMs
-    assert calls == {**want_calls, "ops.shared_input_linear": 2 * layers, "fused._plus_linear": 2 * layers}
+    # q/k/v and gate/up; the two residual adds of each layer in its o_proj and down_proj GEMMs, and their
+    # gradients in its two norms' backward
+    assert calls == {
+        **want_calls,
+        "ops.shared_input_linear": 2 * layers,
+        "fused._plus_linear": 2 * layers,
+        "ops.residual_rms_norm": 2 * layers,
+    }
 
 
 def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
@@ -117,7 +124,8 @@ def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
     calls = _check_against_plain("llama", monkeypatch, "sdpa")
     assert "TritonRotary.forward" not in calls and calls["TritonSwiglu.forward"] == TINY["num_hidden_layers"]
     assert calls["ops.shared_input_linear"] == TINY["num_hidden_layers"]  # the MLPs' gate/up only
-    assert "fused._plus_linear" not in calls  # the layers run transformers' forward around SDPA
+    # the layers run transformers' forward around SDPA
+    assert "fused._plus_linear" not in calls and "ops.residual_rms_norm" not in calls
 
 
 def test_transformers_linears_turns_the_linear_fusions_off(monkeypatch):

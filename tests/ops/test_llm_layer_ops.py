@@ -123,6 +123,63 @@ def test_rms_norm_passes_opcheck():
         opcheck(_library.rms_norm_op, (x, w, 1e-6, "triton"))
 
 
+def _residual_norm_outputs_and_grads(backend, x, w, gy, gr, dtype=None, use=(True, True)):
+    """``(y, x handed on, dx, dw)`` of ``residual_rms_norm`` under the loss ``<y, gy> + <x handed on, gr>``
+    (only the outputs in ``use`` enter the loss)."""
+    x, w = (t.detach().to(dtype or t.dtype).requires_grad_() for t in (x, w))
+    with ops.use_backend(rms_norm=backend):
+        y, through = ops.residual_rms_norm(x, w, 1e-5)
+    loss = sum((out * g.to(out.dtype)).sum() for out, g, u in ((y, gy, use[0]), (through, gr, use[1])) if u)
+    return (y.detach(), through.detach(), *torch.autograd.grad(loss, (x, w), materialize_grads=True))
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "use", [(True, True), (True, False), (False, True)], ids=["both", "norm", "residual"]
+)
+def test_residual_rms_norm_matches_float64_oracle(dtype, use, monkeypatch):
+    # The residual stream's gradient is added inside the norm's backward; against autograd's own sum
+    # over the reference (plain at the input dtype, and float64).
+    x, w = _rms_inputs((2, 19, 96), dtype, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    gy, gr = (torch.randn(x.shape, generator=generator).to(dtype) for _ in "yr")
+    from llavamed_fast.kernels.rms_norm import TritonRmsNorm
+
+    seen = []
+    original = TritonRmsNorm.backward
+
+    def recording(dy, x, weight, rstd, needs_weight_grad, dresidual=None):
+        seen.append(dresidual is not None)
+        return original(dy, x, weight, rstd, needs_weight_grad, dresidual)
+
+    monkeypatch.setattr(TritonRmsNorm, "backward", staticmethod(recording))
+    got = _residual_norm_outputs_and_grads("triton", x, w, gy, gr, use=use)
+    plain = _residual_norm_outputs_and_grads("torch", x, w, gy, gr, use=use)
+    oracle = _residual_norm_outputs_and_grads("torch", x, w, gy, gr, dtype=torch.float64, use=use)
+    # The kernel runs when the norm's output has a gradient, with the residual's when there is one.
+    assert seen == ([use[1]] if use[0] else [])
+    assert torch.equal(got[1], x)
+    for name, g, p, o in zip(("output", "dx", "dw"), got[::2] + got[3:], plain[::2] + plain[3:],
+                             oracle[::2] + oracle[3:], strict=True):  # fmt: skip
+        assert g.dtype == p.dtype, (name, g.dtype, p.dtype)
+        floor = 4 * torch.finfo(dtype).eps * o.abs().max().item()
+        assert_as_accurate_as_plain(name, g, p, o, 2.0 if name == "output" else 3.0, floor=floor)
+
+
+@interpreter
+def test_rms_norm_backward_with_residual_gradient_passes_opcheck():
+    x, w = _rms_inputs((6, 16), torch.float32, seed=13)
+    _, rstd = _library.rms_norm_op(x.detach(), w.detach(), 1e-6, "triton")
+    for dresidual in (torch.randn(6, 16), None):
+        for needs_weight_grad in (True, False):
+            args = (torch.randn(6, 16), x.detach(), w.detach(), rstd, dresidual, needs_weight_grad, "triton")
+            opcheck(_library.rms_norm_backward_op, args)
+    with pytest.raises(ValueError, match="residual gradient"):
+        _library.rms_norm_backward_op(torch.randn(6, 16), x.detach(), w.detach(), rstd, torch.randn(5, 16),
+                                      False, "triton")  # fmt: skip
+
+
 def test_rms_norm_torch_backend_is_the_reference_and_checks_arguments():
     x, w = _rms_inputs((5, 12), torch.float32)
     with ops.use_backend(rms_norm="torch"):

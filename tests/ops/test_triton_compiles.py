@@ -52,7 +52,8 @@ def _kernels(dt: str):
             {"BLOCK_D": 4096},
             norm_warps,
         )
-    for needs_dw in (True, False):
+    # stage 2 (the weight trains) with the residual stream's gradient, stage 1 (frozen) without and with
+    for needs_dw, has_dres in ((True, True), (False, False), (False, True)):
         yield (
             rms_norm._rms_norm_backward_kernel,
             {
@@ -60,6 +61,7 @@ def _kernels(dt: str):
                 "x_ptr": f"*{dt}",
                 "w_ptr": f"*{dt}",
                 "rstd_ptr": "*fp32",
+                "dres_ptr": f"*{dt}",
                 "dx_ptr": f"*{dt}",
                 "dw_partial_ptr": "*fp32",
                 "n_rows": "i32",
@@ -67,11 +69,13 @@ def _kernels(dt: str):
                 "rows_per_program": "i32",
                 "dy_stride": "i32",
                 "x_stride": "i32",
+                "dres_stride": "i32",
                 "dx_stride": "i32",
+                "HAS_DRES": "constexpr",
                 "NEEDS_DW": "constexpr",
                 "BLOCK_D": "constexpr",
             },
-            {"NEEDS_DW": needs_dw, "BLOCK_D": 4096},
+            {"HAS_DRES": has_dres, "NEEDS_DW": needs_dw, "BLOCK_D": 4096},
             norm_warps,
         )
     for backward in (False, True):
