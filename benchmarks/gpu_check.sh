@@ -8,6 +8,7 @@
 #   STAGES="build tests benchmarks serve" bash benchmarks/gpu_check.sh   # and serving
 #   STAGES="build serve" bash benchmarks/gpu_check.sh           # serving alone
 #   STAGES="build train" bash benchmarks/gpu_check.sh           # the training step alone ("kernels": the rest)
+#   STAGES="build tune" bash benchmarks/gpu_check.sh            # attention tile sweep on stage 1's lengths
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -80,6 +81,11 @@ if [[ " $stages " == *" benchmarks "* || " $stages " == *" train "* ]]; then
   # (v1.5 stage 2 with 12 layers: about 61 GB).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
   run 330 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 12 --profile
+fi
+
+if [[ " $stages " == *" tune "* ]]; then
+  # The attention kernels' tiles swept on stage 1's short samples (about 25 compiles: 2-3 minutes).
+  run 240 "tune_varlen_attention (stage-1 lengths)" $python benchmarks/tune_varlen_attention.py --stage 1
 fi
 
 if [[ " $stages " == *" serve "* ]]; then
