@@ -90,13 +90,15 @@ def _rms_norm_backward_kernel(
         x_raw = tl.load(x_ptr + row64 * x_stride + cols, mask=mask, other=0.0)
         x = x_raw.to(compute_type)
         dy = tl.load(dy_ptr + row64 * dy_stride + cols, mask=mask, other=0.0).to(compute_type)
+        if HAS_DRES:  # the residual stream's gradient, loaded with the others so the loads overlap the sum
+            dres = tl.load(dres_ptr + row64 * dres_stride + cols, mask=mask, other=0.0).to(compute_type)
         rstd = tl.load(rstd_ptr + row64).to(compute_type)
         xhat = x * rstd
         g = dy * w
         mean_gx = tl.sum(g * xhat, axis=0) / n_cols
         dx = (g - xhat * mean_gx) * rstd
-        if HAS_DRES:  # the residual stream's gradient, added before the one rounding to the output dtype
-            dx += tl.load(dres_ptr + row64 * dres_stride + cols, mask=mask, other=0.0).to(compute_type)
+        if HAS_DRES:  # added before the one rounding to the output dtype
+            dx += dres
         tl.store(dx_ptr + row64 * dx_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEEDS_DW:
             dw += dy * xhat.to(x_raw.dtype).to(compute_type)

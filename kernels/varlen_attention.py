@@ -5,11 +5,14 @@ Layout: ``q [T, H, D]``, ``k/v [T, H_kv, D]`` hold the concatenated samples of o
 ``cu_seqlens`` and never loads a row outside them, so no sample can see another.
 
 Programs are laid out over the row's tiles, not over ``samples x cdiv(max_seqlen, BLOCK)``: program ``p``
-takes the ``p``-th tile of the row, finding its sample from ``cu_seqlens`` itself (``_tile_of``). A grid
-sized for the longest sample would launch mostly empty programs on real rows (a stage-1 row of 16K tokens
-holds ~38 samples of ~430 tokens and, now and then, one of 2048: about 80 % of such a grid is empty), and
-the host cannot size the grid exactly without reading ``cu_seqlens`` back (a sync); ``T // BLOCK + S``
-bounds the tile count, so at most ``S`` programs per head find no tile.
+takes the ``p``-th tile of the row, whose sample and block a tiny kernel lists first from ``cu_seqlens``
+(``_varlen_attention_tiles_kernel``; the attention kernels load two integers). A grid sized for the
+longest sample would launch mostly empty programs on real rows (a stage-1 row of 16K tokens holds ~38
+samples of ~430 tokens and, now and then, one of 2048: about 80 % of such a grid is empty), and the host
+cannot size the grid exactly without reading ``cu_seqlens`` back (a sync); ``T // BLOCK + S`` bounds the
+tile count, so at most ``S`` programs per head find no tile. The list is built apart, not by each
+program, because the search's registers would crowd the backward kernels, which already run at the
+register limit.
 
 The file reads top to bottom: the ``@triton.jit`` kernels, the host launchers (checks, allocation, block
 sizes, grids), then :class:`TritonVarlenAttention`, the backend object the op registry loads.
@@ -67,6 +70,15 @@ def _tile_of(CU_SEQLENS, num_samples, tile, BLOCK: tl.constexpr, CHUNK: tl.const
 
 
 @triton.jit
+def _varlen_attention_tiles_kernel(CU_SEQLENS, num_samples, TILES, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """``TILES[p] = (sample, block)`` of the row's ``p``-th tile (``sample == num_samples`` past the last)."""
+    tile = tl.program_id(0)
+    sample, block = _tile_of(CU_SEQLENS, num_samples, tile, BLOCK, CHUNK)
+    tl.store(TILES + 2 * tile, sample)
+    tl.store(TILES + 2 * tile + 1, block)
+
+
+@triton.jit
 def _fwd_steps(
     acc,
     l_i,
@@ -119,6 +131,7 @@ def _varlen_attention_fwd_kernel(
     OUT,
     LSE,
     CU_SEQLENS,
+    TILES,
     num_samples,
     stride_qt,
     stride_qh,
@@ -137,16 +150,17 @@ def _varlen_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr,
 ):
-    sample, block_m = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_M, CHUNK)
+    tile = tl.program_id(0)
+    sample = tl.load(TILES + 2 * tile)
     if sample >= num_samples:  # the grid bounds the tile count from above
         return
+    block_m = tl.load(TILES + 2 * tile + 1)
     head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
     if CAUSAL:
-        # A sample's last query tiles see the most keys: they start first, so the short ones fill the tail.
+        # Within a sample, the last query tiles see the most keys: they start first.
         block_m = tl.cdiv(seqlen, BLOCK_M) - 1 - block_m
     m0 = block_m * BLOCK_M
     kv_head = head // GROUPS
@@ -277,6 +291,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     DK,
     DV,
     CU_SEQLENS,
+    TILES,
     num_samples,
     stride_qt,
     stride_qh,
@@ -300,12 +315,13 @@ def _varlen_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr,
 ):
     # Causal key tiles in order are already heaviest first: the first keys are seen by every query.
-    sample, block_n = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_N, CHUNK)
+    tile = tl.program_id(0)
+    sample = tl.load(TILES + 2 * tile)
     if sample >= num_samples:
         return
+    block_n = tl.load(TILES + 2 * tile + 1)
     kv_head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
@@ -411,6 +427,7 @@ def _varlen_attention_bwd_dq_kernel(
     DELTA,
     DQ,
     CU_SEQLENS,
+    TILES,
     num_samples,
     stride_qt,
     stride_qh,
@@ -432,16 +449,17 @@ def _varlen_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
-    CHUNK: tl.constexpr,
 ):
-    sample, block_m = _tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK_M, CHUNK)
+    tile = tl.program_id(0)
+    sample = tl.load(TILES + 2 * tile)
     if sample >= num_samples:
         return
+    block_m = tl.load(TILES + 2 * tile + 1)
     head = tl.program_id(1).to(tl.int64)
     start = tl.load(CU_SEQLENS + sample).to(tl.int64)
     seqlen = (tl.load(CU_SEQLENS + sample + 1) - tl.load(CU_SEQLENS + sample)).to(tl.int32)
-    if CAUSAL:
-        block_m = tl.cdiv(seqlen, BLOCK_M) - 1 - block_m  # heaviest first, as the forward
+    # No heaviest-first order here, unlike the forward: computing it pushed this kernel from 196 registers
+    # to the 255 limit and spilled (sm_90, D = 128, causal).
     m0 = block_m * BLOCK_M
     kv_head = head // GROUPS
 
@@ -496,7 +514,7 @@ class _Config(NamedTuple):
     dkdv: _Blocks
     dq: _Blocks
     preprocess: _Blocks  # m: token rows per program; n unused
-    # Samples per step of ``_tile_of``'s prefix sum: a whole training row's (~20-60) in one step.
+    # Samples per step of ``_tile_of``'s prefix sum (a power of two): a training row's (~20-60) in one.
     chunk: int = 128
 
 
@@ -590,6 +608,17 @@ def _tiles(tokens: int, samples: int, block: int) -> int:
     return tokens // block + samples
 
 
+def _tile_table(cu_seqlens: torch.Tensor, tokens: int, block: int, chunk: int) -> torch.Tensor:
+    """``[_tiles(...), 2]`` int32: the (sample, block) of each tile of ``block`` rows, in row order."""
+    samples = cu_seqlens.numel() - 1
+    programs = _tiles(tokens, samples, block)
+    table = torch.empty((programs, 2), dtype=torch.int32, device=cu_seqlens.device)
+    _varlen_attention_tiles_kernel[(programs,)](
+        cu_seqlens, samples, table, BLOCK=block, CHUNK=chunk, num_warps=1
+    )
+    return table
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs are for tests and oracles: exact fp32 products rather than TF32's 10-bit mantissa.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -608,14 +637,14 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     config = _config(block_d, _INTERPRET)
     blocks = config.forward
-    _varlen_attention_fwd_kernel[(_tiles(tokens, samples, blocks.m), heads)](
-        q, k, v, out, lse, cu_seqlens, samples,
+    tiles = _tile_table(cu_seqlens, tokens, blocks.m, config.chunk)
+    _varlen_attention_fwd_kernel[(tiles.shape[0], heads)](
+        q, k, v, out, lse, cu_seqlens, tiles, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         scale * _LOG2E,
         GROUPS=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=_precision(q.dtype), CHUNK=config.chunk, num_warps=blocks.warps,
-        num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return (*_settle(result), lse)
 
@@ -644,25 +673,28 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool
     )  # fmt: skip
 
     blocks = config.dkdv
-    _varlen_attention_bwd_dkdv_kernel[(_tiles(tokens, samples, blocks.n), kv_heads)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, samples,
+    key_tiles = _tile_table(cu_seqlens, tokens, blocks.n, config.chunk)
+    _varlen_attention_bwd_dkdv_kernel[(key_tiles.shape[0], kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, key_tiles, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
         scale * _LOG2E, scale,
         GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=precision, CHUNK=config.chunk, num_warps=blocks.warps,
-        num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=precision, num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
 
     blocks = config.dq
-    _varlen_attention_bwd_dq_kernel[(_tiles(tokens, samples, blocks.m), heads)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, samples,
+    # The dK/dV kernel's list serves when its key tiles are as tall as these query tiles (the GPU's are).
+    query_tiles = (
+        key_tiles if blocks.m == config.dkdv.n else _tile_table(cu_seqlens, tokens, blocks.m, config.chunk)
+    )
+    _varlen_attention_bwd_dq_kernel[(query_tiles.shape[0], heads)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens, query_tiles, samples,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
         scale * _LOG2E, scale,
         GROUPS=groups, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.m, BLOCK_N=blocks.n,
-        CAUSAL=causal, PRECISION=precision, CHUNK=config.chunk, num_warps=blocks.warps,
-        num_stages=blocks.stages,
+        CAUSAL=causal, PRECISION=precision, num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return _settle(*results)
 

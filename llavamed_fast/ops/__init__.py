@@ -238,16 +238,19 @@ def residual_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x, weight, eps), x)`` for a norm whose input is also the residual stream.
 
-    The second output is ``x`` handed on (a view of it): use it, not ``x``, where the residual stream goes
-    on. Its gradient is then added to the norm's input gradient by the norm's backward kernel, rather than
-    by autograd in an elementwise pass of its own (two reads and a write of ``[tokens, hidden]``, twice per
-    decoder layer). On the torch backend this is ``(reference.rms_norm(...), x)`` and autograd adds.
+    The second output is ``x`` handed on (under autograd, a view of it): use it, not ``x``, where the
+    residual stream goes on, and modify neither in place afterwards (autograd refuses in-place changes
+    of a custom function's view). Its gradient is then added to the norm's input gradient by the norm's
+    backward kernel, rather than by autograd in an elementwise pass of its own (two reads and a write of
+    ``[tokens, hidden]``, twice per decoder layer). Where ``x`` takes no gradient, and on the torch backend,
+    this is ``(rms_norm(x, weight, eps), x)`` and ``x`` itself is handed on.
     """
     _check(x.dim() >= 1 and weight.dim() == 1, "x must be [..., D] and weight [D]")
     _check(x.shape[-1] == weight.shape[0], f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
     backend = REGISTRY.resolve("rms_norm", x.device.type)
-    if backend == "torch":
-        return reference.rms_norm(x, weight, eps), x
+    if backend == "torch" or not (torch.is_grad_enabled() and x.requires_grad):
+        # No residual gradient to fold in (and a view would give x a gradient path it does not have).
+        return rms_norm(x, weight, eps), x
     return _library.ResidualRmsNorm.apply(x, weight, float(eps), backend)
 
 

@@ -168,6 +168,20 @@ def test_residual_rms_norm_matches_float64_oracle(dtype, use, monkeypatch):
 
 
 @interpreter
+def test_residual_rms_norm_hands_on_x_itself_without_its_gradient():
+    # x takes no gradient (a frozen embedding's output) while the weight trains: no residual gradient to
+    # fold, so x itself goes on, without a gradient path it did not have; without autograd, the same.
+    x, w = _rms_inputs((5, 32), torch.float32, seed=14)
+    x = x.detach()
+    with ops.use_backend(rms_norm="triton"):
+        y, through = ops.residual_rms_norm(x, w, 1e-5)
+        assert through is x and y.requires_grad
+        torch.testing.assert_close(y, reference.rms_norm(x, w, 1e-5))
+        with torch.no_grad():
+            assert ops.residual_rms_norm(x.requires_grad_(), w, 1e-5)[1] is x
+
+
+@interpreter
 def test_rms_norm_backward_with_residual_gradient_passes_opcheck():
     x, w = _rms_inputs((6, 16), torch.float32, seed=13)
     _, rstd = _library.rms_norm_op(x.detach(), w.detach(), 1e-6, "triton")

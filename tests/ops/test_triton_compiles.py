@@ -217,7 +217,8 @@ def test_llm_layer_kernels_compile(arch, dtype, tmp_path):
 @pytest.mark.parametrize(("arch", "dtype"), TARGETS, ids=[f"sm{a}-{d}" for a, d in TARGETS])
 def test_attention_and_loss_kernels_compile(arch, dtype, tmp_path):
     stdout = _compile_in_subprocess(arch, dtype, "recorded", tmp_path)
-    # Forward, preprocess, dK/dV and dQ; the loss's two row kernels at two widths.
+    # Forward, preprocess, dK/dV and dQ, and the tile lists (the forward's, and one for both backward
+    # kernels); the loss's two row kernels at two widths.
     names = [line.split()[0] for line in stdout.splitlines() if line.endswith(" ok")]
     assert sorted(set(names)) == [
         "_linear_cross_entropy_grad_kernel",
@@ -226,8 +227,9 @@ def test_attention_and_loss_kernels_compile(arch, dtype, tmp_path):
         "_varlen_attention_bwd_dq_kernel",
         "_varlen_attention_bwd_preprocess_kernel",
         "_varlen_attention_fwd_kernel",
+        "_varlen_attention_tiles_kernel",
     ], stdout
-    assert len(names) == 8, stdout
+    assert len(names) == 10, stdout
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ import random
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from accuracy import assert_as_accurate_as_plain
 from torch.library import opcheck
 
@@ -158,6 +156,14 @@ TILES = {
         dq=kernels._Blocks(32, 32, 4, 1),
         preprocess=kernels._Blocks(128, 0, 4, 1),
     ),
+    # dQ's query tiles differ from dK/dV's key tiles: each backward kernel gets a tile list of its own
+    "mixed": kernels._Config(
+        forward=kernels._Blocks(32, 16, 4, 1),
+        dkdv=kernels._Blocks(16, 32, 4, 1),
+        dq=kernels._Blocks(64, 16, 4, 1),
+        preprocess=kernels._Blocks(32, 0, 4, 1),
+        chunk=2,
+    ),
 }
 
 
@@ -175,26 +181,18 @@ def test_other_tile_shapes(monkeypatch, tiles, causal):
     _check_against_oracle([140, 1, 0, 45], 2, 1, 64, torch.float32, causal, None, seed=3)
 
 
-@triton.jit
-def _tile_map_kernel(CU_SEQLENS, num_samples, SAMPLE, BLOCK_OF, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    sample, block = kernels._tile_of(CU_SEQLENS, num_samples, tl.program_id(0), BLOCK, CHUNK)
-    tl.store(SAMPLE + tl.program_id(0), sample)
-    tl.store(BLOCK_OF + tl.program_id(0), block)
-
-
 @interpreter
 @pytest.mark.parametrize(("block", "chunk"), [(16, 4), (64, 4), (16, 128)])
-def test_tile_search_finds_each_tile_once(block, chunk):
-    # Programs find their (sample, tile) from cu_seqlens; a grid of tokens // block + samples programs
-    # must cover every tile of every sample once, in order, and the rest must find none. Empty samples
-    # (first, inside, last), lengths on and off the block, more samples than one step of the search.
+def test_tile_list_holds_each_tile_once(block, chunk):
+    # The attention programs take their (sample, tile) from a list built from cu_seqlens; a grid of
+    # tokens // block + samples programs must cover every tile of every sample once, in order, and the
+    # rest must find none. Empty samples (first, inside, last), lengths on and off the block, more samples
+    # than one step of the search.
     lengths = [0, 16, 1, 0, 47, 16, 33, 0, 5, 64, 17, 0]
     expected = [(s, b) for s, n in enumerate(lengths) for b in range(-(-n // block))]
-    programs = kernels._tiles(sum(lengths), len(lengths), block)
-    sample = torch.full((programs,), -1, dtype=torch.int32)
-    block_of = torch.full((programs,), -1, dtype=torch.int32)
-    _tile_map_kernel[(programs,)](_cu(lengths), len(lengths), sample, block_of, BLOCK=block, CHUNK=chunk)
-    found = list(zip(sample.tolist(), block_of.tolist(), strict=True))
+    table = kernels._tile_table(_cu(lengths), sum(lengths), block, chunk)
+    assert table.shape == (sum(lengths) // block + len(lengths), 2)
+    found = [tuple(pair) for pair in table.tolist()]
     assert found[: len(expected)] == expected
     assert all(s == len(lengths) for s, _ in found[len(expected) :])
 
