@@ -78,7 +78,7 @@ if [[ " $stages " == *" benchmarks "* || " $stages " == *" train "* ]]; then
   # The end-to-end training step: v0 and v1.5 shapes with 4 LLM layers, both stages, vs transformers' Llava;
   # ours again with 12 layers for the cost of one layer (the 32-layer model's MFU and the projection):
   # the difference of two step times over 8 layers rather than 4 halves the noise on one layer's cost
-  # (v1.5 stage 2 with 12 layers: about 61 GB).
+  # (v1.5 stage 2 with 12 layers: about 51 GB, from 20.6 GB at 4 layers and 40.8 GB at 8).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
   run 330 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 12 --profile
 fi
