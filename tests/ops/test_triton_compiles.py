@@ -11,6 +11,12 @@ widths with Triton's launch replaced by a recorder, so their tile sizes, warps a
 GPU run would use, and the list cannot fall behind the launchers. Both compile the general variant: the
 run-time specialisations Triton adds on a GPU (integers equal to 1 as constants, 16-byte alignment hints
 for pointers and strides) are left out, so an error only in the vectorised form could still slip by.
+
+The attention kernels run at the register limit, where an innocent edit can make the compiler spill to
+local memory (moving a subtraction in dQ's prologue once did). The compiled forward and dQ kernels for
+sm_90 must spill nothing (read from the cubin with the ``cuobjdump`` that Triton ships); the dK/dV kernel,
+which keeps K, V, dK and dV of its tile for its whole walk, spills at 4 warps and was measured faster so
+than at 8 (``kernels/varlen_attention.py``).
 """
 
 from __future__ import annotations
@@ -183,16 +189,38 @@ def _recorded_launches(dt: str) -> list[tuple]:
     return out
 
 
+def _spill_bytes(cubin: bytes) -> int:
+    """Bytes of local stack the compiled kernel uses (its register spills), from ``cuobjdump``."""
+    import importlib
+    import re
+    import tempfile
+
+    nvidia = importlib.import_module("triton.backends.nvidia")
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        )
+    return int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+
+
 def compile_all(arch: int, dtype: str, which: str) -> None:
     """Compile every kernel for ``sm_<arch>``; run in a process without ``TRITON_INTERPRET=1`` (the
-    interpreter replaces ``@triton.jit`` kernels and patches ``triton.language`` for the whole process)."""
+    interpreter replaces ``@triton.jit`` kernels and patches ``triton.language`` for the whole process).
+    Prints each kernel's line ending in `` ok``, with its spill stack in bytes."""
     target = GPUTarget("cuda", arch, 32)
     kernels = _kernels(dtype) if which == "layer" else _recorded_launches(dtype)
     for kernel, signature, constexprs, options in kernels:
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=target, options=options)
-        assert compiled.asm.get("cubin"), f"{kernel.__name__} for sm_{arch} {dtype}: no cubin"
-        print(f"{kernel.__name__} {sorted(constexprs.items())} {signature}: sm_{arch} {dtype} ok")
+        cubin = compiled.asm.get("cubin")
+        assert cubin, f"{kernel.__name__} for sm_{arch} {dtype}: no cubin"
+        print(
+            f"{kernel.__name__} {sorted(constexprs.items())} {signature}: sm_{arch} {dtype} "
+            f"spill={_spill_bytes(cubin)} ok"
+        )
 
 
 def _compile_in_subprocess(arch: int, dtype: str, which: str, tmp_path) -> str:
@@ -230,6 +258,14 @@ def test_attention_and_loss_kernels_compile(arch, dtype, tmp_path):
         "_varlen_attention_tiles_kernel",
     ], stdout
     assert len(names) == 10, stdout
+    if arch == 90 and dtype in ("bf16", "fp16"):  # the training precisions on the H100
+        spills = {
+            line.split()[0]: line.split("spill=")[1].split()[0]
+            for line in stdout.splitlines()
+            if "spill=" in line
+        }
+        for kernel in ("_varlen_attention_fwd_kernel", "_varlen_attention_bwd_dq_kernel"):
+            assert spills[kernel] == "0", f"{kernel} spills {spills[kernel]} bytes on sm_90 {dtype}"
 
 
 if __name__ == "__main__":
