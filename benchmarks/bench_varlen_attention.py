@@ -7,12 +7,16 @@ shapes by default (32 query heads, 8 KV heads as Mistral, head dim 128, bf16). P
 flash-attn's varlen kernel when that package is installed. Forward, backward and both; TFLOP/s count the
 causal half only (4·L²·H·D/2 per sample forward, 2.5x that backward); peak memory above the inputs.
 Last line: JSON with `fwd_bwd_vs_best_peer` (peer time / our time: ≥ 1 means we are faster).
+`--forward-tiles M,N,WARPS,STAGES` (repeatable) times ours again with that forward tile (the rest as
+shipped): on short samples a 128-row query tile is partly past the sample's end and partly above the
+diagonal. The headline's `forward_tiles` maps each to its forward time and its error against ours.
 `--smoke` runs tiny shapes on the CPU (the reference, and Triton under TRITON_INTERPRET=1) to check the script.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 
@@ -23,6 +27,7 @@ from bench_packing import stage_lengths
 from harness import measure, report, row
 
 from llavamed_fast import ops
+from llavamed_fast.kernels import varlen_attention as va
 from llavamed_fast.ops import use_backend
 
 
@@ -93,6 +98,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--forward-tiles",
+        type=lambda text: va._Blocks(*(int(x) for x in text.split(","))),
+        action="append",
+        default=[],
+        help="M,N,WARPS,STAGES: also time ours with this forward tile (repeatable)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny CPU run that checks the script, not the speed"
     )
     args = parser.parse_args()
@@ -123,12 +135,22 @@ def main() -> None:
     candidates = {}
     triton_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if triton_ok:
-        candidates["ours (triton)"] = lambda q, k, v: _with("triton", q, k, v, cu, max_len, causal)
-    candidates["torch reference"] = lambda q, k, v: _with("torch", q, k, v, cu, max_len, causal)
+        candidates["ours (triton)"] = lambda q, k, v: _with(
+            "triton", q, k, v, cu=cu, max_len=max_len, causal=causal
+        )
+    alternatives = {}  # ours with each --forward-tiles
+    for tiles in args.forward_tiles if triton_ok else ():
+        name = f"{tiles.m},{tiles.n},{tiles.warps},{tiles.stages}"
+        alternatives[name] = candidates[f"ours, fwd tiles {name}"] = functools.partial(
+            _with, "triton", cu=cu, max_len=max_len, causal=causal, forward_tiles=tiles
+        )
+    candidates["torch reference"] = lambda q, k, v: _with(
+        "torch", q, k, v, cu=cu, max_len=max_len, causal=causal
+    )
     peer_fns = peers(q, k, v, cu, max_len, lengths, causal)
     candidates.update(peer_fns)
 
-    rows, both = [], {}
+    rows, both, forward_ms = [], {}, {}
     for name, fn in candidates.items():
         forward = measure(
             f"{name} fwd", lambda fn=fn: fn(q, k, v), device, flops=fwd_flops, repeat=args.repeat
@@ -148,6 +170,7 @@ def main() -> None:
 
         total = measure(f"{name} fwd+bwd", step, device, flops=3.5 * fwd_flops, repeat=args.repeat)
         both[name] = total.median_ms
+        forward_ms[name] = forward.median_ms
         for kind, m in (("fwd", forward), ("bwd", backward), ("fwd+bwd", total)):
             rows.append(row(m, impl=name, **{"pass": kind}))
     ours = both.get("ours (triton)")
@@ -156,6 +179,21 @@ def main() -> None:
         "fwd_bwd_vs_best_peer": round(best_peer / ours, 3) if ours and best_peer else None,
         "best_peer": min(peer_fns, key=both.get) if peer_fns else None,
         "fwd_bwd_vs_reference": round(both["torch reference"] / ours, 3) if ours else None,
+        **(
+            {
+                "fwd_ms": round(forward_ms["ours (triton)"], 4),
+                # Each other tile's forward time, and its error against ours (summation order only).
+                "forward_tiles": {
+                    name: {
+                        "fwd_ms": round(forward_ms[f"ours, fwd tiles {name}"], 4),
+                        "rel_err": _relative_error(fn, candidates["ours (triton)"], q, k, v),
+                    }
+                    for name, fn in alternatives.items()
+                },
+            }
+            if ours and alternatives
+            else {}
+        ),
         "stage": args.stage,
         "tokens": tokens,
         "samples": len(lengths),
@@ -169,9 +207,21 @@ def main() -> None:
     report("varlen_attention", device, rows, headline, save=not args.smoke)
 
 
-def _with(backend, q, k, v, cu, max_len, causal):
-    with use_backend(varlen_attention=backend):
-        return ops.varlen_attention(q, k, v, cu, max_len, causal)
+def _relative_error(fn, reference_fn, q, k, v) -> float:
+    with torch.no_grad():
+        got, want = fn(q, k, v).double(), reference_fn(q, k, v).double()
+    return float((got - want).norm() / want.norm())
+
+
+def _with(backend, q, k, v, *, cu, max_len, causal, forward_tiles=None):
+    shipped = va._config
+    if forward_tiles is not None:
+        va._config = lambda block_d, interpret: shipped(block_d, interpret)._replace(forward=forward_tiles)
+    try:
+        with use_backend(varlen_attention=backend):
+            return ops.varlen_attention(q, k, v, cu, max_len, causal)
+    finally:
+        va._config = shipped
 
 
 if __name__ == "__main__":

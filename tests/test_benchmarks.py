@@ -12,7 +12,17 @@ from conftest import REPO
 
 CASES = {
     "bench_packing.py": (["--samples", "3000"], {"packed_real_fraction", "padded_real_fraction"}),
-    "bench_varlen_attention.py": (["--smoke"], {"fwd_bwd_vs_best_peer", "best_peer", "device", "commit"}),
+    "bench_varlen_attention.py": (
+        ["--smoke", "--forward-tiles", "32,16,4,1"],
+        {
+            "fwd_bwd_vs_best_peer",
+            "best_peer",
+            "device",
+            "commit",
+            "fwd_ms_forward_tiles",
+            "forward_tiles_rel_err",
+        },
+    ),
     "bench_linear_cross_entropy.py": (["--smoke"], {"speedup_vs_eager", "memory_vs_eager"}),
     "bench_llm_layer_ops.py": (
         ["--smoke"],
