@@ -666,6 +666,9 @@ def main() -> None:
                 if more is not None:
                     rows.append({"variant": variant, "stage": stage, **more})
                     headline[f"{key}_per_layer_ms"] = round(more["per_layer_ms"], 3)
+                    if more.get("per_layer_kernel_mfu") is not None:
+                        # over the layer's kernel time alone: the timed per-layer MFU's ceiling
+                        headline[f"{key}_per_layer_kernel_mfu"] = round(more["per_layer_kernel_mfu"], 4)
                     if more["mfu_full_model"] is not None:
                         headline[f"{key}_per_layer_mfu"] = round(more["per_layer_mfu"], 4)
                         headline[f"{key}_mfu_{FULL_LAYERS}_layers"] = round(more["mfu_full_model"], 4)
