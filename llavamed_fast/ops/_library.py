@@ -297,13 +297,22 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _rms_norm_grads(ctx, dy: torch.Tensor, dresidual: torch.Tensor | None):
+    """``(dx, dweight, None, None)`` from what ``_rms_norm_setup`` saved, ``dresidual`` added to ``dx``."""
+    x, weight, rstd = ctx.saved_tensors
+    needs_weight_grad = bool(ctx.needs_input_grad[1])
+    if dresidual is not None:
+        dresidual = dresidual.contiguous()
+    dx, dweight = rms_norm_backward_op(
+        dy.contiguous(), x, weight, rstd, dresidual, needs_weight_grad, ctx.backend
+    )
+    return dx, dweight if needs_weight_grad else None, None, None
+
+
 def _rms_norm_backward(ctx, dy, _drstd):
     if dy is None:  # only rstd was used: it is not differentiable
         return None, None, None, None
-    x, weight, rstd = ctx.saved_tensors
-    needs_weight_grad = bool(ctx.needs_input_grad[1])
-    dx, dweight = rms_norm_backward_op(dy.contiguous(), x, weight, rstd, None, needs_weight_grad, ctx.backend)
-    return dx, dweight if needs_weight_grad else None, None, None
+    return _rms_norm_grads(ctx, dy, None)
 
 
 class ResidualRmsNorm(torch.autograd.Function):
@@ -317,27 +326,14 @@ class ResidualRmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
         y, rstd = rms_norm_op(x, weight, eps, backend)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
+        _rms_norm_setup(ctx, (x, weight, eps, backend), (y, rstd))
         return y, x
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor | None, dresidual: torch.Tensor | None):
-        if dy is None:
+        if dy is None:  # only the residual stream was used: its gradient passes through
             return dresidual, None, None, None
-        x, weight, rstd = ctx.saved_tensors
-        needs_weight_grad = bool(ctx.needs_input_grad[1])
-        dx, dweight = rms_norm_backward_op(
-            dy.contiguous(),
-            x,
-            weight,
-            rstd,
-            None if dresidual is None else dresidual.contiguous(),
-            needs_weight_grad,
-            ctx.backend,
-        )
-        return dx, dweight if needs_weight_grad else None, None, None
+        return _rms_norm_grads(ctx, dy, dresidual)
 
 
 rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
