@@ -16,9 +16,11 @@ diagonal. The headline's `forward_tiles` maps each to its forward time and its e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -213,15 +215,21 @@ def _relative_error(fn, reference_fn, q, k, v) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def _with(backend, q, k, v, *, cu, max_len, causal, forward_tiles=None):
+@contextlib.contextmanager
+def tiles_replaced(**tiles: va._Blocks) -> Iterator[None]:
+    """Inside the block, the Triton kernels named (``forward``, ``dkdv``, ``dq``) run with these tiles."""
     shipped = va._config
-    if forward_tiles is not None:
-        va._config = lambda block_d, interpret: shipped(block_d, interpret)._replace(forward=forward_tiles)
+    va._config = lambda block_d, interpret: shipped(block_d, interpret)._replace(**tiles)
     try:
-        with use_backend(varlen_attention=backend):
-            return ops.varlen_attention(q, k, v, cu, max_len, causal)
+        yield
     finally:
         va._config = shipped
+
+
+def _with(backend, q, k, v, *, cu, max_len, causal, forward_tiles=None):
+    replaced = tiles_replaced(forward=forward_tiles) if forward_tiles else contextlib.nullcontext()
+    with replaced, use_backend(varlen_attention=backend):
+        return ops.varlen_attention(q, k, v, cu, max_len, causal)
 
 
 if __name__ == "__main__":
