@@ -12,7 +12,9 @@ samples of ~430 tokens and, now and then, one of 2048: about 80 % of such a grid
 cannot size the grid exactly without reading ``cu_seqlens`` back (a sync); ``T // BLOCK + S`` bounds the
 tile count, so at most ``S`` programs per head find no tile. The list is built apart, not by each
 program, because the search's registers would crowd the backward kernels, which already run at the
-register limit.
+register limit. For the same reason each kernel spells out its few lines of prologue (tile, sample,
+bounds): moving them into a shared ``@triton.jit`` helper changed dQ's register allocation and made it
+spill (``tests/ops/test_triton_compiles.py`` checks that it does not).
 
 The file reads top to bottom: the ``@triton.jit`` kernels, the host launchers (checks, allocation, block
 sizes, grids), then :class:`TritonVarlenAttention`, the backend object the op registry loads.
