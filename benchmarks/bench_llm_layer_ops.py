@@ -8,6 +8,9 @@ backward), against the device's measured copy bandwidth. ``residual_rms_norm`` i
 layer uses it, its input also the residual stream: eager, autograd adds the stream's gradient to the
 norm's in a pass of its own. Last line: JSON with each op's speedup and the milliseconds they save per
 layer (two norms of the residual stream, one MLP activation, one rotation of q and k), same run.
+Each row also has the op's kernel time alone (``kernel_ms``, from the profiler): a sub-millisecond op
+whose autograd and launches cost the host more than its kernels cost the GPU is timed by the host
+between CUDA events, so its bandwidth is judged on the kernel time too (``kernel_fraction_of_copy_bandwidth``).
 ``--smoke`` runs tiny shapes on the CPU (under ``TRITON_INTERPRET=1``) to check the script.
 """
 
@@ -15,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
-from harness import measure, measured_copy_gbps, report, row
+from harness import kernel_ms, measure, measured_copy_gbps, report, row
 
 from llavamed_fast import ops
 
@@ -97,7 +101,21 @@ def main() -> None:
             extra = {"op": op, "impl": name, "pass": "fwd+bwd"}
             if copy_gbps and result.gbps:
                 extra["fraction_of_copy_bandwidth"] = round(result.gbps / copy_gbps, 3)
+            try:
+                kernels = kernel_ms(step, device)
+            except RuntimeError as error:  # the profiler: say so, keep the timed rows
+                print(f"{op} {name}: no kernel time, the profiler failed: {error}", file=sys.stderr)
+                kernels = None
+            if kernels:
+                extra["kernel_ms"] = round(kernels, 4)
+                if copy_gbps:
+                    fraction = bytes_moved / (kernels * 1e-3) / 1e9 / copy_gbps
+                    extra["kernel_fraction_of_copy_bandwidth"] = round(fraction, 3)
             rows.append(row(result, **extra))
+            if backend == fast and "kernel_fraction_of_copy_bandwidth" in extra:
+                headline[f"{op}_kernel_fraction_of_copy_bandwidth"] = extra[
+                    "kernel_fraction_of_copy_bandwidth"
+                ]
         if fast in times:
             headline[f"{op}_speedup"] = round(times["torch"] / times[fast], 3)
             saved_ms += per_layer * (times["torch"] - times[fast])

@@ -65,6 +65,25 @@ def time_ms(
     return samples
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, *, repeat: int = 5) -> float | None:
+    """Milliseconds of GPU kernel time per call, summed over the kernels the profiler saw (CUDA only;
+    None elsewhere). Unlike :func:`time_ms`, host gaps between the kernels do not count: for an op whose
+    host work (autograd, launches) takes longer than its kernels, the events measure the host."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compiled and the pool grown before the profiler starts
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            fn()
+        synchronize(device)
+    cuda = torch.autograd.DeviceType.CUDA
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == cuda)
+    return total_us / repeat / 1e3
+
+
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory of one call above what was allocated before it (CUDA only; 0 on CPU)."""
     if device.type != "cuda":
