@@ -2,7 +2,9 @@
 
 The output is rebuilt from the ledger at the end of every run, in the order of the input: a run that was
 killed leaves no partial output but keeps every reply it paid for, and the next run sends only what is
-missing, then writes every record exactly once.
+missing, then writes every record exactly once. The summary beside the output gives this run's numbers
+and, under ``ledger_total``, those of every reply in the ledger (what the whole set cost), so a resumed
+run does not hide what the earlier ones paid.
 """
 
 from __future__ import annotations
@@ -16,15 +18,52 @@ from pathlib import Path
 from typing import Any
 
 from llavamed_fast.data import instruct
-from llavamed_fast.data.alignment import read_jsonl
+from llavamed_fast.data.alignment import check_figure, read_jsonl
 from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.ledger import Ledger, request_key
-from llavamed_fast.data.teacher import TeacherConfig, estimate_tokens, run_batch, run_jobs
+from llavamed_fast.data.teacher import (
+    TeacherConfig,
+    batch_state_path,
+    cost_usd,
+    estimate_tokens,
+    run_batch,
+    run_jobs,
+)
 
 
 def default_ledger(out: str | os.PathLike[str]) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".ledger.jsonl")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the teacher run: every reply received so far is in the ledger."""
+
+    def __init__(self, replies: int, ledger: Path, batch_pending: bool) -> None:
+        super().__init__(f"{replies} replies are saved in {ledger}")
+        self.replies, self.ledger, self.batch_pending = replies, ledger, batch_pending
+
+
+def ledger_total(ledger: Ledger, prices: tuple[float, float] | None) -> dict[str, Any]:
+    """Every reply in ``ledger`` (all runs that used it): count, tokens, and cost at ``prices`` (replies
+    that came through the Batch API at its price)."""
+    usage = ledger.usage()
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    batch_prompt = usage.get("batch_prompt_tokens", 0)  # the part of the tokens billed at the batch price
+    batch_completion = usage.get("batch_completion_tokens", 0)
+    cost = None
+    if prices is not None:
+        cost = cost_usd(prompt - batch_prompt, completion - batch_completion, prices)
+        cost += cost_usd(batch_prompt, batch_completion, prices, batch=True)
+        cost = round(cost, 6)
+    return {
+        "replies": len(ledger),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "batch_prompt_tokens": batch_prompt,
+        "batch_completion_tokens": batch_completion,
+        "cost_usd": cost,
+    }
 
 
 def curate_instruct(
@@ -41,11 +80,19 @@ def curate_instruct(
     batch: bool = False,
     poll_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    """Run the teacher over the figures and write the instruction records; returns the run's summary."""
+    """Run the teacher over the figures and write the instruction records; returns the run's summary.
+    A figure record with a field of the wrong type is skipped with a message on stderr naming its line
+    (counted as ``invalid_record``). Ctrl-C raises :class:`Interrupted` once the ledger is closed."""
     counts: Counter[str] = Counter()
     selected: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for _number, figure in read_jsonl(figures):
+    for number, figure in read_jsonl(figures):
+        try:
+            check_figure(figure)
+        except ValueError as error:
+            print(f"curate instruct: skipped {figures}: line {number}: {error}", file=sys.stderr)
+            counts["invalid_record"] += 1
+            continue
         if not (figure.get("caption") or "").strip() or not figure.get("pair_id"):
             counts["no_caption"] += 1
             continue
@@ -61,7 +108,7 @@ def curate_instruct(
     if dry_run:
         prompt = sum(estimate_tokens(m) for _, m in jobs)
         completion = config.max_tokens * len(jobs)
-        estimate = None if prices is None else (prompt * prices[0] + completion * prices[1]) / 1e6
+        estimate = cost_usd(prompt, completion, prices, batch=batch)
         if jobs:
             print(json.dumps(jobs[0][1], indent=1, ensure_ascii=False))
         return {
@@ -70,32 +117,39 @@ def curate_instruct(
             "estimated_prompt_tokens": prompt,
             "max_completion_tokens": completion,
             "estimated_cost_usd_at_most": None if estimate is None else round(estimate, 6),
+            "filters": dict(counts),
         }
 
     ledger = Ledger(ledger_path or default_ledger(out))
     bar = None
-    if batch:
-        stats = asyncio.run(
-            run_batch(
-                jobs,
-                config,
-                ledger,
-                poll_seconds=poll_seconds,
-                on_status=(lambda status: print(f"batch: {status}", file=sys.stderr)) if progress else None,
+    try:
+        if batch:
+            stats = asyncio.run(
+                run_batch(
+                    jobs,
+                    config,
+                    ledger,
+                    poll_seconds=poll_seconds,
+                    on_status=(lambda status: print(f"batch: {status}", file=sys.stderr))
+                    if progress
+                    else None,
+                )
             )
-        )
-    elif progress:
-        from tqdm import tqdm
+        else:
+            if progress:
+                from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="teacher", unit="req", file=sys.stderr)
-    if not batch:
-        try:
+                bar = tqdm(total=len(jobs), desc="teacher", unit="req", file=sys.stderr)
             stats = asyncio.run(
                 run_jobs(jobs, config, ledger, on_reply=(lambda _job: bar.update(1)) if bar else None)
             )
-        finally:
-            if bar:
-                bar.close()
+    except KeyboardInterrupt:
+        # asyncio.run has cancelled the requests in flight; what was received is already durable.
+        ledger.close()
+        raise Interrupted(len(ledger), ledger.path, batch_state_path(ledger).exists()) from None
+    finally:
+        if bar:
+            bar.close()
     records = []
     params = config.params()
     for figure, (_, messages) in zip(selected, jobs, strict=True):
@@ -117,7 +171,6 @@ def curate_instruct(
                 figure, kept, teacher=config.model, use_context=use_context, seed=seed
             )
         )
-    ledger.close()
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary = {
         "records": len(records),
@@ -132,7 +185,10 @@ def curate_instruct(
         "cost_usd": None if prices is None else round(stats.cost(prices), 6),
         "seconds": round(stats.seconds, 2),
         "filters": dict(counts),
+        # The fields above are this run's; a resumed run sends (and pays for) only what was missing.
+        "ledger_total": ledger_total(ledger, prices),
     }
+    ledger.close()
     # Next to the output, for 'curate stats' (filter counts) and for the record of what the run cost.
     summary_path(out).write_text(json.dumps(summary, indent=1))
     return summary

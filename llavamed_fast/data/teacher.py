@@ -9,11 +9,15 @@ it talks to OpenAI, Azure OpenAI, vLLM, Ollama, or anything else that serves ``/
 - **Bounded**: at most ``concurrency`` requests in flight; optional requests-per-minute and
   tokens-per-minute budgets (prompt characters / 4 + ``max_tokens``, the usual estimate).
 - **Retries**: 429, 408, 409, 5xx, timeouts and dropped connections are retried with exponential backoff
-  and jitter, waiting at least what a ``retry-after`` / ``retry-after-ms`` header asks; other errors (a bad
-  request, a wrong key) are not retried. The SDK's own retries are off, so every attempt is counted here.
+  and jitter, waiting at least what a ``retry-after`` / ``retry-after-ms`` header asks; so is a 200 whose
+  body is not a chat completion (cut-off JSON, a gateway's HTML page), a transient fault of whatever sits
+  in between. Other errors (a bad request, a wrong key) are not retried. The SDK's own retries are off, so
+  every attempt is counted here.
 - **Secrets**: the API key comes from the environment variable named in the config and is never logged,
-  stored or put in an error message.
-- **Cost**: token usage from the replies, priced from a per-million-token table.
+  stored or put in an error message; the server's own error text is redacted (:func:`redact`) before it is
+  shown, as some servers repeat the key they were sent.
+- **Cost**: token usage from the replies, priced from a per-million-token table; Batch API replies at
+  :data:`BATCH_PRICE_FACTOR` of it (their ledger usage also counts them as ``batch_*_tokens``).
 - **Batch API** (:func:`run_batch`): the requests not yet in the ledger go up as one JSONL file with the
   ledger key as each ``custom_id``; the batch's id is kept next to the ledger, so a run stopped while the
   batch is processed picks the same batch up again instead of paying for a second one; results go to the
@@ -27,6 +31,7 @@ import email.utils
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4": (30.00, 60.00),
 }
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+BATCH_PRICE_FACTOR = 0.5  # the Batch API bills half the synchronous price
 
 
 @dataclass
@@ -122,11 +128,20 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    batch: bool = False  # the replies came through the Batch API (billed at BATCH_PRICE_FACTOR)
 
     def cost(self, prices: tuple[float, float] | None) -> float | None:
-        if prices is None:
-            return None
-        return (self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]) / 1e6
+        return cost_usd(self.prompt_tokens, self.completion_tokens, prices, batch=self.batch)
+
+
+def cost_usd(
+    prompt_tokens: float, completion_tokens: float, prices: tuple[float, float] | None, *, batch: bool = False
+) -> float | None:
+    """USD for the tokens at ``prices`` (per million, input and output); None without prices."""
+    if prices is None:
+        return None
+    full = (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1e6
+    return full * BATCH_PRICE_FACTOR if batch else full
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -159,10 +174,51 @@ def _retryable(error: Exception) -> bool:
     return isinstance(error, openai.APIStatusError) and error.status_code in RETRYABLE_STATUS
 
 
-def _describe(error: Exception) -> str:
+# An OpenAI-style secret key ("sk-...", "sk-proj-..."): redacted even when it is not the configured key.
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """``text`` with ``secret`` (the configured API key) and anything that looks like a secret key replaced
+    by ``[redacted]``: servers' error messages may repeat the key they were sent."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
+
+
+def _describe(error: Exception, secret: str | None = None) -> str:
     if isinstance(error, openai.APIStatusError):
-        return f"HTTP {error.status_code}: {error.message}"
-    return f"{type(error).__name__}: {error}"
+        return redact(f"HTTP {error.status_code}: {error.message}", secret)
+    return redact(f"{type(error).__name__}: {error}", secret)
+
+
+class _BadReply(Exception):
+    """A 200 whose body is not a chat completion: cut-off JSON, or a gateway's HTML page. Retried like a
+    5xx, as it comes from whatever sits between us and the model, not from the request."""
+
+
+def _snippet(text: str, secret: str | None) -> str:
+    # Redacted before it is cut: a key cut in two would no longer be recognised.
+    return repr(redact(" ".join(text.split()), secret)[:120])
+
+
+def _parse_reply(raw: Any, secret: str | None) -> Any:
+    """The chat completion of a raw SDK response; :class:`_BadReply` naming the content type and the first
+    characters when the body is not one."""
+    content_type = raw.headers.get("content-type", "none")
+    try:
+        response = raw.parse()
+    except ValueError:  # json.JSONDecodeError: declared JSON, but it is not
+        raise _BadReply(
+            f"HTTP {raw.status_code} reply with content type {content_type} whose body is not JSON: "
+            f"{_snippet(raw.text, secret)}"
+        ) from None
+    if not hasattr(response, "choices"):  # the SDK hands back non-JSON bodies as a str
+        raise _BadReply(
+            f"HTTP {raw.status_code} reply with content type {content_type}, not a chat completion: "
+            f"{_snippet(raw.text, secret)}"
+        )
+    return response
 
 
 class _Budget:
@@ -226,6 +282,7 @@ async def run_jobs(
     model stops the run at once, as every request would fail the same way."""
     own_client = client is None
     client = client or make_client(config)
+    secret = os.environ.get(config.api_key_env)  # only to redact it from the server's error messages
     stats = RunStats()
     started = time.monotonic()
     params = config.params()
@@ -255,29 +312,34 @@ async def run_jobs(
                     return
                 await budget.take(estimate_tokens(messages) + config.max_tokens)
                 try:
-                    response = await client.chat.completions.create(
+                    # The raw response, to name the content type when the body is not a chat completion.
+                    raw = await client.chat.completions.with_raw_response.create(
                         model=config.model, messages=messages, **params
                     )
+                    response = _parse_reply(raw, secret)
                 except (
                     openai.AuthenticationError,
                     openai.PermissionDeniedError,
                     openai.NotFoundError,
                 ) as error:
-                    fatal.append(TeacherError(f"{job_id}: {_describe(error)}; stopping the run"))
+                    fatal.append(TeacherError(f"{job_id}: {_describe(error, secret)}; stopping the run"))
                     return
-                except openai.OpenAIError as error:
-                    if not _retryable(error) or attempt == config.max_retries:
+                except (openai.OpenAIError, _BadReply) as error:
+                    bad_reply = isinstance(error, _BadReply)
+                    if not (bad_reply or _retryable(error)) or attempt == config.max_retries:
                         for job in job_ids:
-                            stats.failed[job] = _describe(error)
+                            stats.failed[job] = str(error) if bad_reply else _describe(error, secret)
                         return
                     stats.retries += 1
                     backoff = min(config.backoff_max, config.backoff_base * 2**attempt)
                     wait = max(retry_after(error) or 0.0, backoff * (0.5 + random.random() / 2))
                     await sleep(wait)
                     continue
-                choice = response.choices[0] if response.choices else None
-                content = choice.message.content if choice and choice.message else None
-                if content is None:
+                # A JSON body of another shape parses into a completion with odd fields: look, don't assume.
+                choices = response.choices
+                choice = choices[0] if isinstance(choices, list) and choices else None
+                content = getattr(getattr(choice, "message", None), "content", None)
+                if not isinstance(content, str):
                     for job in job_ids:
                         stats.failed[job] = (
                             f"reply without content (finish_reason {getattr(choice, 'finish_reason', None)})"
@@ -328,7 +390,8 @@ async def _call(make: Callable[[], Awaitable[Any]], config: TeacherConfig, sleep
             return await make()
         except openai.OpenAIError as error:
             if not _retryable(error) or attempt == config.max_retries:
-                raise TeacherError(f"Batch API: {_describe(error)}") from None
+                secret = os.environ.get(config.api_key_env)
+                raise TeacherError(f"Batch API: {_describe(error, secret)}") from None
             backoff = min(config.backoff_max, config.backoff_base * 2**attempt)
             await sleep(max(retry_after(error) or 0.0, backoff * (0.5 + random.random() / 2)))
     raise AssertionError("unreachable")
@@ -351,7 +414,7 @@ async def run_batch(
     listed in the stats as failed."""
     own_client = client is None
     client = client or make_client(config)
-    stats = RunStats()
+    stats = RunStats(batch=True)
     started = time.monotonic()
     params = config.params()
     keyed: dict[str, tuple[list[dict[str, str]], list[str]]] = {}
@@ -386,6 +449,8 @@ async def run_batch(
                     "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
                     "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
                 }
+                # Also as batch_*: the ledger's totals then tell which tokens were billed at the batch price.
+                counts.update({f"batch_{name}": count for name, count in list(counts.items())})
                 ledger.record(key, text, model=config.model, usage=counts)
                 stats.sent += 1
                 stats.prompt_tokens += counts["prompt_tokens"]

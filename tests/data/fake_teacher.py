@@ -2,8 +2,10 @@
 
 Each request names its figure by a ``[fig:ID]`` tag in the last user message. ``script[ID]`` is a list of
 what the next attempts get, in order: ``"ok"``, ``"429"`` (with ``retry-after``), any other status code (``"500"``, ``"400"``),
-``"slow"`` (a reply after ``slow_seconds``) or ``"malformed"`` (a 200 whose text holds no conversation);
-after the list is used up, ``"ok"``. The server counts attempts and successful replies per figure.
+``"slow"`` (a reply after ``slow_seconds``), ``"malformed"`` (a 200 whose text holds no conversation),
+``"badjson"`` (a 200 declared JSON whose body is cut off) or ``"html"`` (a 200 with a gateway's HTML page);
+after the list is used up, ``"ok"``. The server counts attempts and successful replies per figure. With
+``echo_key``, a 401 repeats the key it was sent, as some gateways do.
 
 It also serves the Batch API's part that the client uses (``POST /v1/files`` multipart, ``POST
 /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``): a batch is ``validating``, then
@@ -26,7 +28,10 @@ API_KEY = "test-key-not-secret"
 
 
 class FakeTeacher:
-    def __init__(self, *, slow_seconds: float = 0.5, retry_after: float = 0.3) -> None:
+    def __init__(
+        self, *, slow_seconds: float = 0.5, retry_after: float = 0.3, echo_key: bool = False
+    ) -> None:
+        self.echo_key = echo_key
         self.script: dict[str, list[str]] = {}
         self.attempts: Counter[str] = Counter()
         self.replies: Counter[str] = Counter()
@@ -114,10 +119,10 @@ class FakeTeacher:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _send(self, status, body, headers=()):
-                data = json.dumps(body).encode()
+            def _send(self, status, body, headers=(), content_type="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for name, value in headers:
                     self.send_header(name, value)
@@ -125,11 +130,13 @@ class FakeTeacher:
                 self.wfile.write(data)
 
             def _authorised(self):
-                if self.headers.get("Authorization") == f"Bearer {API_KEY}":
+                sent = self.headers.get("Authorization", "")
+                if sent == f"Bearer {API_KEY}":
                     return True
-                self._send(
-                    401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+                message = "Incorrect API key provided" + (
+                    f": {sent.removeprefix('Bearer ')}" if teacher.echo_key else ""
                 )
+                self._send(401, {"error": {"message": message, "type": "invalid_request_error"}})
                 return False
 
             def do_GET(self):
@@ -201,6 +208,12 @@ class FakeTeacher:
                     return
                 if action.isdigit():  # "500", "502", "400", ...
                     self._send(int(action), {"error": {"message": f"scripted {action}"}})
+                    return
+                if action == "badjson":  # a proxy that cut the body off
+                    self._send(200, b'{"id": "chatcmpl-cut", "choi')
+                    return
+                if action == "html":  # a gateway's error page, sent as a 200
+                    self._send(200, b"<html><body>Bad gateway</body></html>", content_type="text/html")
                     return
                 if action == "slow":
                     time.sleep(teacher.slow_seconds)

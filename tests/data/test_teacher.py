@@ -22,6 +22,7 @@ from llavamed_fast.data.teacher import (
     TeacherConfig,
     TeacherError,
     batch_state_path,
+    redact,
     retry_after,
     run_batch,
     run_jobs,
@@ -324,3 +325,146 @@ def test_secrets_never_reach_files(tmp_path, key):
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) >= 3  # input, output, ledger, summary
     assert not any(API_KEY in p.read_text(errors="replace") for p in written)
+
+
+def test_a_gateways_bad_body_is_retried_then_fails_that_figure_alone(tmp_path, key):
+    # A 200 whose body is cut-off JSON or an HTML page is a fault of whatever sits in between: retried like
+    # a 5xx; out of retries, it fails its own figure (named, with what came back) and the others go on.
+    with FakeTeacher() as server:
+        server.script = {"f1": ["badjson"], "f2": ["html"], "f3": ["badjson"] * 5, "f4": ["html"] * 5}
+        summary = curate_instruct(
+            _input(tmp_path, figures(6)),
+            tmp_path / "out.jsonl",
+            _config(server, max_retries=2),
+            progress=False,
+        )
+        assert (summary["records"], summary["sent"], summary["retries"]) == (4, 4, 2 + 2 + 2)
+        assert sorted(summary["failures"]) == ["1_f3", "1_f4"] and server.attempts["f3"] == 3
+    cut, page = summary["failures"]["1_f3"], summary["failures"]["1_f4"]
+    assert "content type application/json" in cut and "not JSON" in cut and '{"id": "chatcmpl-cut"' in cut
+    assert "content type text/html" in page and "<html><body>Bad gateway</body></html>" in page
+    assert API_KEY not in json.dumps(summary)
+
+
+def test_server_error_text_that_repeats_the_key_is_redacted(tmp_path, monkeypatch):
+    secret = "sk-proj-Very5ecretKey0123456789"
+    source = _input(tmp_path, figures(2))
+    with FakeTeacher(echo_key=True) as server:  # its 401 says "Incorrect API key provided: <the key>"
+        command = [sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source),
+                   "--out", str(tmp_path / "out.jsonl"), "--base-url", server.base_url, "--model", "m",
+                   "--no-progress"]  # fmt: skip
+        done = subprocess.run(
+            command, env={**os.environ, "OPENAI_API_KEY": secret}, capture_output=True, text=True
+        )
+        # A key that does not look like one is redacted too: it is the configured key.
+        monkeypatch.setenv("OPENAI_API_KEY", "plain-looking-but-secret")
+        with pytest.raises(TeacherError) as caught:
+            curate_instruct(source, tmp_path / "plain.jsonl", _config(server), progress=False)
+    assert done.returncode == 2 and "HTTP 401" in done.stderr and "provided: [redacted]" in done.stderr
+    assert secret not in done.stderr and "Very5ecret" not in done.stderr
+    assert "plain-looking-but-secret" not in str(caught.value) and "provided: [redacted]" in str(caught.value)
+    assert redact("key sk-abc123DEF456 and sk-x", "other") == "key [redacted] and sk-x"
+
+
+def test_batch_replies_cost_half(tmp_path, key, capsys):
+    # Four replies of 100 prompt and 20 completion tokens at 2 and 8 USD per million tokens: 0.00144 USD at
+    # the list price, 0.00072 through the Batch API.
+    source, out = _input(tmp_path, figures(4)), tmp_path / "conversations.jsonl"
+    with FakeTeacher() as server:
+        config = _config(server, price_per_million=(2.0, 8.0), max_tokens=100)
+        summary = curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False)
+        assert summary["cost_usd"] == pytest.approx(0.00072)
+        assert summary["ledger_total"]["cost_usd"] == pytest.approx(0.00072)
+        full = curate_instruct(source, out, config, dry_run=True)
+        half = curate_instruct(source, out, config, dry_run=True, batch=True)
+    assert half["estimated_cost_usd_at_most"] == pytest.approx(full["estimated_cost_usd_at_most"] / 2)
+    prompt = full["estimated_prompt_tokens"]
+    assert full["estimated_cost_usd_at_most"] == pytest.approx((prompt * 2.0 + 400 * 8.0) / 1e6, abs=1e-6)
+
+
+def test_a_resumed_run_keeps_the_cost_of_the_whole_set(tmp_path, key):
+    source, out = _input(tmp_path, figures(4)), tmp_path / "conversations.jsonl"
+    with FakeTeacher() as server:
+        config = _config(server, price_per_million=(2.0, 8.0), max_retries=0)
+        # Two figures through the Batch API (half price), then the rest with one failure, then the resume.
+        curate_instruct(source, out, config, batch=True, poll_seconds=0, progress=False, limit=2)
+        server.script = {"f3": ["500"]}
+        curate_instruct(source, out, config, progress=False)
+        summary = curate_instruct(source, out, config, progress=False)
+    assert (summary["sent"], summary["from_ledger"], summary["records"]) == (1, 3, 4)
+    assert summary["cost_usd"] == pytest.approx((100 * 2.0 + 20 * 8.0) / 1e6)  # this run: f3 only
+    one = (100 * 2.0 + 20 * 8.0) / 1e6
+    assert summary["ledger_total"] == {
+        "replies": 4, "prompt_tokens": 400, "completion_tokens": 80, "batch_prompt_tokens": 200,
+        "batch_completion_tokens": 40, "cost_usd": pytest.approx(2 * one / 2 + 2 * one),
+    }  # fmt: skip
+    assert (
+        json.loads((tmp_path / "conversations.jsonl.summary.json").read_text())["ledger_total"]["replies"]
+        == 4
+    )
+
+
+def test_ctrl_c_says_where_the_replies_are_and_exits_130(tmp_path):
+    with FakeTeacher(slow_seconds=0.2) as server:
+        count = 20
+        server.script = {f"f{i}": ["slow"] for i in range(count)}
+        source, out = _input(tmp_path, figures(count)), tmp_path / "conversations.jsonl"
+        ledger = default_ledger(out)
+        command = [
+            sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source), "--out", str(out),
+            "--base-url", server.base_url, "--model", "teacher-test", "--concurrency", "2", "--no-progress",
+        ]  # fmt: skip
+        env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            not ledger.exists() or len(ledger.read_text().splitlines()) < 3
+        ):
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+        saved = len(ledger.read_text().splitlines())
+        assert child.returncode == 130 and stdout == "" and saved < count
+        assert stderr == (
+            f"curate instruct: interrupted; {saved} replies are saved in {ledger}, "
+            "run the same command again to continue\n"
+        )
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1])["from_ledger"] == saved
+
+
+def test_records_with_fields_of_the_wrong_type_are_skipped_by_line(tmp_path, key, capsys):
+    rows = figures(3)
+    rows[1]["caption"] = 123
+    rows[2]["domain"] = ["ct_scan"]
+    source = _input(tmp_path, [*rows, figures(1, prefix="g")[0]])
+    with FakeTeacher() as server:
+        summary = curate_instruct(source, tmp_path / "out.jsonl", _config(server), progress=False)
+    assert summary["records"] == 2 and summary["filters"] == {"invalid_record": 2}
+    assert capsys.readouterr().err.splitlines() == [
+        f"curate instruct: skipped {source}: line 2: field 'caption' must be a string (or null), got int 123",
+        f"curate instruct: skipped {source}: line 3: field 'domain' must be an object (or null), got list ['ct_scan']",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--concurrency", "0"], "argument --concurrency: must be at least 1, got 0"),
+        (["--max-retries", "-1"], "argument --max-retries: must be at least 0, got -1"),
+        (["--timeout", "0"], "argument --timeout: must be more than 0, got 0"),
+        (["--rpm", "0.5"], "argument --rpm: must be at least 1, got 0.5"),
+        (["--max-tokens", "many"], "argument --max-tokens: 'many' is not an integer"),
+        (["--temperature", "nan"], "argument --temperature: must be at least 0, got nan"),
+    ],
+)
+def test_option_values_that_cannot_work_are_usage_errors(tmp_path, capsys, option, message):
+    from llavamed_fast.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["curate", "instruct", "--input", "f.jsonl", "--out", "o.jsonl", "--model", "m", *option])
+    assert caught.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+    with pytest.raises(SystemExit):
+        main(["curate", "images", "--input", "f.jsonl", "--out", "img", "--retries", "-1"])
+    assert "argument --retries: must be at least 0, got -1" in capsys.readouterr().err
