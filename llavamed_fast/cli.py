@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # torch is imported by the commands that need it, never here: data curation runs without it.
@@ -44,6 +46,26 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate_number(kind: type, minimum: float, *, inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type for a curate option: a number of ``kind`` at least ``minimum`` (above it when not
+    ``inclusive``), so a value that cannot work ("--concurrency 0", "--max-retries -1") is a usage error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not (value >= minimum if inclusive else value > minimum):  # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {minimum:g}, got {text}"
+            )
+        return value
+
+    return parse
+
+
 def _curate_pmc(args: argparse.Namespace) -> int:
     from llavamed_fast.data import pmc
 
@@ -67,8 +89,24 @@ def _curate_align(args: argparse.Namespace) -> int:
     from llavamed_fast.data import alignment, selection
 
     records, skipped, errors = [], {"licence": 0, "domain": 0, "compound": 0, "no caption": 0}, []
+    first_line: dict[str, int] = {}  # pair id -> the line it was first seen on
     try:
         for number, figure in alignment.read_jsonl(args.input):
+            try:
+                alignment.check_figure(figure)
+            except ValueError as error:
+                errors.append(f"{args.input}: line {number}: {error}")
+                continue
+            pair_id = figure.get("pair_id")
+            if pair_id in first_line:  # a repeated line: one record per figure, the first one
+                print(
+                    f"curate align: {args.input}: line {number}: pair_id {pair_id!r} repeats line "
+                    f"{first_line[pair_id]}; left out",
+                    file=sys.stderr,
+                )
+                continue
+            if pair_id:
+                first_line[pair_id] = number
             if not selection.licence_allows(figure.get("licence"), args.licence):
                 skipped["licence"] += 1
             elif args.domain and not any((figure.get("domain") or {}).get(d) for d in args.domain):
@@ -82,7 +120,7 @@ def _curate_align(args: argparse.Namespace) -> int:
                     records.append(
                         alignment.alignment_record(figure, seed=args.seed, image_name=args.image_name)
                     )
-                except (KeyError, ValueError) as error:
+                except ValueError as error:
                     errors.append(f"{args.input}: line {number}: {error}")
     except (OSError, ValueError) as error:
         print(f"curate align: {error}", file=sys.stderr)
@@ -96,11 +134,11 @@ def _curate_align(args: argparse.Namespace) -> int:
 
 
 def _curate_instruct(args: argparse.Namespace) -> int:
-    from llavamed_fast.data.curation import curate_instruct
-    from llavamed_fast.data.teacher import TeacherError, config_from_args
+    from llavamed_fast.data.curation import Interrupted, curate_instruct
+    from llavamed_fast.data.teacher import TeacherError, config_from_args, redact
 
-    config = config_from_args(args, model=args.model)
     try:
+        config = config_from_args(args, model=args.model)
         summary = curate_instruct(
             args.input,
             args.out,
@@ -114,20 +152,32 @@ def _curate_instruct(args: argparse.Namespace) -> int:
             batch=args.batch,
             poll_seconds=args.poll_seconds,
         )
+    except Interrupted as stop:  # Ctrl-C: nothing received is lost, so one line instead of a traceback
+        pending = "; the batch goes on at the provider" if stop.batch_pending else ""
+        print(
+            f"curate instruct: interrupted; {stop.replies} replies are saved in {stop.ledger}{pending}, "
+            "run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:  # before the ledger was opened or after the teacher run: nothing to keep
+        print("curate instruct: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError, TeacherError) as error:
         print(f"curate instruct: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # the SDK's own errors (openai.OpenAIError) outside a request's retries
         if type(error).__module__.split(".")[0] != "openai":
             raise
-        print(f"curate instruct: {type(error).__name__}: {error}", file=sys.stderr)
+        secret = os.environ.get(args.api_key_env)
+        print(f"curate instruct: {redact(f'{type(error).__name__}: {error}', secret)}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    return 1 if summary.get("failed") else 0
+    return 1 if summary.get("failed") or summary["filters"].get("invalid_record") else 0
 
 
 def _curate_images(args: argparse.Namespace) -> int:
-    from llavamed_fast.data.alignment import read_jsonl
+    from llavamed_fast.data.alignment import check_figure, read_jsonl
     from llavamed_fast.data.fetch import FetchConfig, fetch
 
     config = FetchConfig(
@@ -138,13 +188,43 @@ def _curate_images(args: argparse.Namespace) -> int:
         retries=args.retries,
         licence=args.licence,
     )
+    invalid = 0
+
+    def records() -> Iterator[dict]:
+        # Checked here, where line numbers are known; a bad record is left out and the others go on.
+        nonlocal invalid
+        first_line: dict[str, int] = {}
+        for number, record in read_jsonl(args.input):
+            try:
+                check_figure(record)
+            except ValueError as error:
+                print(f"curate images: skipped {args.input}: line {number}: {error}", file=sys.stderr)
+                invalid += 1
+                continue
+            pair_id = record.get("pair_id")
+            if pair_id in first_line:
+                print(
+                    f"curate images: {args.input}: line {number}: pair_id {pair_id!r} repeats line "
+                    f"{first_line[pair_id]}; left out",
+                    file=sys.stderr,
+                )
+                continue
+            if pair_id:
+                first_line[pair_id] = number
+            yield record
+
     try:
-        counts = fetch((record for _, record in read_jsonl(args.input)), config)
+        counts = fetch(records(), config)
     except (OSError, ValueError) as error:
         print(f"curate images: {error}", file=sys.stderr)
         return 2
+    if invalid:
+        counts["invalid_record"] = invalid
     print(json.dumps({"manifest": str(Path(args.out) / "manifest.jsonl"), **counts}))
-    return 0
+    # Items already done ("skipped"), repeats and licence exclusions are not failures; the rest is, and
+    # the manifest says which, so a rerun tries exactly those again.
+    failed = invalid + sum(counts.get(status, 0) for status in ("not_found", "corrupt", "error"))
+    return 1 if failed else 0
 
 
 def _curate_stats(args: argparse.Namespace) -> int:
@@ -228,26 +308,33 @@ def parser() -> argparse.ArgumentParser:
         "--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
     )
     teach.add_argument("--model", required=True, help="the teacher model (Azure: the deployment name)")
-    teach.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    teach.add_argument("--rpm", type=float, default=None, help="requests per minute at most")
-    teach.add_argument("--tpm", type=float, default=None, help="tokens per minute at most (estimated)")
-    teach.add_argument("--max-retries", type=int, default=6)
-    teach.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    teach.add_argument("--temperature", type=float, default=0.7)
-    teach.add_argument("--max-tokens", type=int, default=1024)
-    teach.add_argument("--price", type=float, nargs=2, metavar=("IN", "OUT"), help="USD per 1M tokens")
+    # Checked values: a count of at least one, a retry count, a float above zero, one not below zero.
+    count, tries = _curate_number(int, 1), _curate_number(int, 0)
+    above_zero, not_negative = _curate_number(float, 0, inclusive=False), _curate_number(float, 0)
+    teach.add_argument("--concurrency", type=count, default=8, help="requests in flight at most")
+    teach.add_argument(
+        "--rpm", type=_curate_number(float, 1), default=None, help="requests per minute at most"
+    )
+    teach.add_argument("--tpm", type=above_zero, default=None, help="tokens per minute at most (estimated)")
+    teach.add_argument("--max-retries", type=tries, default=6)
+    teach.add_argument("--timeout", type=above_zero, default=120.0, help="seconds per request")
+    teach.add_argument("--temperature", type=not_negative, default=0.7)
+    teach.add_argument("--max-tokens", type=count, default=1024)
+    teach.add_argument("--price", type=not_negative, nargs=2, metavar=("IN", "OUT"), help="USD per 1M tokens")
     teach.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
     teach.add_argument("--azure-api-version", default=None, help="use Azure OpenAI with this API version")
     teach.add_argument("--ledger", default=None, help="reply ledger (default: OUT.ledger.jsonl)")
     teach.add_argument("--no-context", action="store_true", help="send the caption only, not the mentions")
     teach.add_argument("--seed", type=int, default=0, help="<image> placement")
-    teach.add_argument("--limit", type=int, default=None, help="only the first N figures")
+    teach.add_argument("--limit", type=count, default=None, help="only the first N figures")
     teach.add_argument("--dry-run", action="store_true", help="print the first prompt and the estimated cost")
     teach.add_argument("--no-progress", action="store_true")
     teach.add_argument(
         "--batch", action="store_true", help="use the Batch API (half price, hours, resumable)"
     )
-    teach.add_argument("--poll-seconds", type=float, default=30.0, help="Batch API: seconds between polls")
+    teach.add_argument(
+        "--poll-seconds", type=not_negative, default=30.0, help="Batch API: seconds between polls"
+    )
     teach.set_defaults(run=_curate_instruct)
 
     images = steps.add_parser(
@@ -259,9 +346,9 @@ def parser() -> argparse.ArgumentParser:
         "--url-template", default="https://europepmc.org/articles/{pmcid}/bin/{graphic}.jpg",
         help="per-file URL, from record fields (records with pmc_tar_url use their package instead)",
     )  # fmt: skip
-    images.add_argument("--concurrency", type=int, default=8)
-    images.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    images.add_argument("--retries", type=int, default=3)
+    images.add_argument("--concurrency", type=count, default=8)
+    images.add_argument("--timeout", type=above_zero, default=30.0, help="seconds per request")
+    images.add_argument("--retries", type=tries, default=3)
     images.add_argument(
         "--licence", default="any-including-unknown", choices=("commercial", "any", "any-including-unknown")
     )

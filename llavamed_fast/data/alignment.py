@@ -52,10 +52,46 @@ def image_file_name(pair_id: str) -> str:
 
 
 def image_name_of(figure: Mapping[str, Any], template: str | None) -> str:
-    """The record's ``image``: ``template`` formatted with the figure's fields, or :func:`image_file_name`."""
+    """The record's ``image``: ``template`` formatted with the figure's string fields, or
+    :func:`image_file_name`. A field the template names and the figure lacks is a ValueError naming both."""
     if template is None:
         return image_file_name(figure["pair_id"])
-    return template.format(**{k: v for k, v in figure.items() if isinstance(v, str)})
+    fields = {k: v for k, v in figure.items() if isinstance(v, str)}
+    try:
+        return template.format(**fields)
+    except KeyError as missing:
+        raise ValueError(
+            f"image name template {template!r}: the record has no string field {missing}; "
+            f"it has {', '.join(sorted(fields)) or 'none'}"
+        ) from None
+    except (IndexError, ValueError) as error:  # "{0}", "{", "{x:q}": the template itself is wrong
+        raise ValueError(f"image name template {template!r}: {error}") from None
+
+
+# The types the curation steps rely on, for the fields they read (None is allowed for each: "not given").
+FIGURE_FIELDS: dict[str, tuple[type, ...]] = {
+    "pair_id": (str,),
+    "caption": (str,),
+    "mentions": (list, str),
+    "licence": (dict,),
+    "domain": (dict,),
+    "compound": (bool,),
+    "pmc_tar_url": (str,),
+    "image_file_path": (str,),
+}
+_JSON_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def check_figure(figure: Mapping[str, Any]) -> None:
+    """A ValueError naming the first field of ``figure`` whose value has the wrong type (records written
+    by hand: ``"licence": "CC BY"`` where ``{"code", "commercial_use"}`` belongs)."""
+    for name, types in FIGURE_FIELDS.items():
+        value = figure.get(name)
+        if value is not None and not isinstance(value, types):
+            expected = " or ".join(_JSON_NAMES[t] for t in types)
+            raise ValueError(
+                f"field {name!r} must be {expected} (or null), got {type(value).__name__} {value!r:.60}"
+            )
 
 
 def instruction_pool(caption: str) -> tuple[str, ...]:

@@ -170,7 +170,8 @@ def _member(archive: tarfile.TarFile, wanted: str) -> bytes:
 
 def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str, int]:
     """Fetch every record's image into ``config.out``; returns the count per status (``skipped`` for items
-    already done)."""
+    already done, ``duplicate`` for a pair id seen earlier in ``records``: only its first record is used)."""
+    selection.licence_allows(None, config.licence)  # an unknown policy is an error before anything is done
     folder = Path(config.out)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(folder / "manifest.jsonl")
@@ -178,10 +179,15 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
     per_file: list[Mapping[str, Any]] = []
     packages: dict[str, list[Mapping[str, Any]]] = {}
     owners = {entry["file"]: pid for pid, entry in manifest.entries.items() if entry.get("file")}
+    seen: set[str] = set()
     for record in records:
         pair_id = record.get("pair_id")
         if not pair_id:
             raise ValueError(f"a record without a pair_id: {dict(record)!r:.200}")
+        if str(pair_id) in seen:  # one file per pair id: a repeat would be fetched and counted twice
+            counts["duplicate"] += 1
+            continue
+        seen.add(str(pair_id))
         try:
             name = image_file_name(str(pair_id))
         except ValueError as error:
@@ -189,6 +195,12 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
             counts["error"] += 1
             continue
         licence = record.get("licence")
+        try:
+            allowed = selection.licence_allows(licence, config.licence)
+        except ValueError as error:  # a licence of the wrong type in a hand-made record
+            manifest.write({"pair_id": pair_id, "status": "error", "detail": str(error)})
+            counts["error"] += 1
+            continue
         if owners.setdefault(name, pair_id) != pair_id:  # "1/F1" and "1_F1" would share one file
             manifest.write(
                 {"pair_id": pair_id, "status": "error", "detail": f"file {name} is {owners[name]}'s"}
@@ -196,7 +208,7 @@ def fetch(records: Iterable[Mapping[str, Any]], config: FetchConfig) -> dict[str
             counts["error"] += 1
         elif manifest.done(pair_id, folder):
             counts["skipped"] += 1
-        elif not selection.licence_allows(licence, config.licence):
+        elif not allowed:
             code = licence.get("code") if isinstance(licence, Mapping) else None
             manifest.write({"pair_id": pair_id, "status": "licence_excluded", "detail": f"licence {code}"})
             counts["licence_excluded"] += 1

@@ -196,6 +196,9 @@ _ROLE = re.compile(
     re.IGNORECASE,
 )
 _USER_LABELS = {"user", "human", "question", "q"}
+# "A:" also starts panel descriptions ("A: the CT shows ...") in answers about multi-panel figures, so the
+# bare letters are role labels only in a reply written in that style: its first question labelled "Q:".
+_BARE_LABELS = {"q", "a"}
 
 
 @dataclass
@@ -206,10 +209,16 @@ class Turn:
 
 def parse_conversation(reply: str) -> list[Turn]:
     """The reply's turns, each a labelled line and the unlabelled lines after it; consecutive turns of one
-    role are merged; text before the first label and a trailing unanswered question are dropped."""
+    role are merged; text before the first label and a trailing unanswered question are dropped. Bare
+    ``Q:``/``A:`` are labels only when the reply's first question is labelled ``Q:``; otherwise such
+    lines are text (panel labels)."""
+    lines = [(line, _ROLE.match(line)) for line in reply.splitlines()]
+    labels = (match.group(1).lower() for _, match in lines if match)
+    bare_style = next((label for label in labels if label in _USER_LABELS), None) == "q"
     labelled: list[Turn] = []
-    for line in reply.splitlines():
-        match = _ROLE.match(line)
+    for line, match in lines:
+        if match and match.group(1).lower() in _BARE_LABELS and not bare_style:
+            match = None
         if match:
             role = "user" if match.group(1).lower() in _USER_LABELS else "assistant"
             labelled.append(Turn(role, line[match.end() :].strip()))

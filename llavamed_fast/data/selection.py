@@ -102,6 +102,10 @@ def licence_allows(licence: Mapping[str, object] | None, policy: str) -> bool:
     """Whether a figure record's licence (``{"code", "commercial_use"}``) passes ``policy``."""
     if policy not in LICENCE_POLICIES:
         raise ValueError(f"licence policy must be one of {', '.join(LICENCE_POLICIES)}, got {policy!r}")
+    if licence is not None and not isinstance(licence, Mapping):
+        raise ValueError(
+            f"licence must be an object with code and commercial_use, got {type(licence).__name__} {licence!r:.60}"
+        )
     commercial = None if licence is None else licence.get("commercial_use")
     if policy == "commercial":
         return commercial is True

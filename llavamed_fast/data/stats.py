@@ -17,15 +17,40 @@ DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
 
 
 def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """LLaVA JSON records from a JSON list or JSONL file."""
+    """LLaVA JSON records from a JSON list or JSONL file; a record that :func:`collect` cannot read is a
+    ValueError naming the file and the record (JSON list: its index from 1) or line (JSONL)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        records = json.loads(text)
-        if not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path}: expected a list of JSON objects")
-        return records
-    return [record for _, record in read_jsonl(path)]
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}: not JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+            ) from None
+        located = [(f"record {number}", record) for number, record in enumerate(records, start=1)]
+    else:
+        located = [(f"line {number}", record) for number, record in read_jsonl(path)]
+    for where, record in located:
+        try:
+            _check(record)
+        except ValueError as error:
+            name = f" (id {record['id']!r:.60})" if isinstance(record, dict) and "id" in record else ""
+            raise ValueError(f"{path}: {where}{name}: {error}") from None
+    return [record for _, record in located]
+
+
+def _check(record: Any) -> None:
+    """The shape :func:`collect` reads: an object, ``conversations`` a list of objects, ``domain`` an
+    object of flags (either may be missing)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    turns = record.get("conversations") or record.get("conversatons") or []
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise ValueError(f"'conversations' must be a list of turn objects, got {turns!r:.60}")
+    domain = record.get("domain") or {}
+    if not isinstance(domain, dict):
+        raise ValueError(f"'domain' must be an object of flags, got {domain!r:.60}")
 
 
 def _summary(values: list[int]) -> dict[str, float]:
@@ -107,7 +132,11 @@ def write(
     """Collect, print nothing, write ``stats.json`` and ``stats.png`` into ``out_dir``; returns the numbers."""
     filters = None
     if summary_path and Path(summary_path).exists():
-        filters = json.loads(Path(summary_path).read_text()).get("filters")
+        try:
+            summary = json.loads(Path(summary_path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{summary_path}: not JSON: {error.msg} (line {error.lineno})") from None
+        filters = summary.get("filters") if isinstance(summary, dict) else None
     numbers = collect(load_records(records_path), filters)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

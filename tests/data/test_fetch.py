@@ -207,16 +207,54 @@ def test_packages_read_members_by_name_and_refuse_links(tmp_path, server):
 
 def test_cli_images(tmp_path, server):
     source = tmp_path / "figures.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]))
+    bad_licence = {"pair_id": "7_F1", "kind": "img", "graphic": "7", "licence": "CC BY"}
+    source.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS[:2], RECORDS[0], bad_licence]))
+
+    def run():
+        args = ["curate", "images", "--input", str(source), "--out", str(tmp_path / "img"), "--retries", "0",
+                "--url-template", server.url + "/{kind}/{graphic}.jpg"]  # fmt: skip
+        script = "import sys; from llavamed_fast.cli import main; code = main(sys.argv[1:]); "
+        script += "assert 'torch' not in sys.modules; sys.exit(code)"
+        return subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path
+        )
+
+    # A 404 and a record with a licence of the wrong type are failures: exit 1, the manifest kept. The
+    # repeated line is left out with a warning (fetched and counted once).
+    done = run()
+    assert done.returncode == 1, done.stderr
+    manifest = tmp_path / "img" / "manifest.jsonl"
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "manifest": str(manifest), "ok": 1, "not_found": 1, "invalid_record": 1,
+    }  # fmt: skip
+    assert done.stderr.splitlines() == [
+        f"curate images: {source}: line 3: pair_id '1_F1' repeats line 1; left out",
+        f"curate images: skipped {source}: line 4: field 'licence' must be an object (or null), got str 'CC BY'",
+    ]
+    assert server.hits["/img/1.jpg"] == 1 and len(manifest.read_text().splitlines()) == 2
+    # Only what is done already: nothing failed, exit 0.
+    source.write_text(json.dumps(RECORDS[0]) + "\n")
+    done = run()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"manifest": str(manifest), "skipped": 1}
+
+
+def test_every_download_failing_is_a_failed_run(tmp_path, server):
+    source = tmp_path / "figures.jsonl"
+    source.write_text("".join(json.dumps({**r, "kind": "missing"}) + "\n" for r in RECORDS[:3]))
     args = ["curate", "images", "--input", str(source), "--out", str(tmp_path / "img"), "--retries", "0",
             "--url-template", server.url + "/{kind}/{graphic}.jpg"]  # fmt: skip
-    script = "import sys; from llavamed_fast.cli import main; code = main(sys.argv[1:]); "
-    script += "assert 'torch' not in sys.modules; sys.exit(code)"
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {
-        "manifest": str(tmp_path / "img" / "manifest.jsonl"), "ok": 1, "not_found": 1,
-    }  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "llavamed_fast.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 1 and json.loads(done.stdout)["not_found"] == 3
+    assert len((tmp_path / "img" / "manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_repeated_pair_id_is_fetched_once(tmp_path, server):
+    counts = fetch([RECORDS[0], RECORDS[0]], _config(server, tmp_path / "images"))
+    assert counts == {"ok": 1, "duplicate": 1} and server.hits["/img/1.jpg"] == 1
+    counts = fetch([{**RECORDS[0], "licence": "CC BY"}], _config(server, tmp_path / "other"))
+    assert counts == {"error": 1}
+    assert "licence must be an object" in _manifest(tmp_path / "other")["1_F1"]["detail"]
 
 
 def test_unknown_licences_and_file_name_collisions(tmp_path, server):

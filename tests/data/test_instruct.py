@@ -146,3 +146,29 @@ def test_records_are_llava_json_with_domain_and_provenance(tmp_path):
     assert read_records(path)[0].id == "123_F2"  # the training data reader takes it
     with pytest.raises(ValueError, match="123_F2: no exchange left"):
         instruct.conversation_record(FIGURE, [], teacher="t")
+
+
+def test_panel_labels_in_an_answer_stay_answer_text():
+    # PMC multi-panel figures: answers describe panels as "A: ...", "B: ...". In a reply whose turns are
+    # "User:"/"Assistant:", as the prompt asks, a bare "A:" is part of the answer, not a new turn.
+    reply = (
+        "User: What do the two panels show?\n"
+        "Assistant: The figure has two panels.\n"
+        "A: the CT shows a mass in the left upper lobe.\n"
+        "B: the PET/CT shows intense tracer uptake in it.\n"
+        "Q: a question-like label inside the answer.\n"
+        "User: Is the uptake specific?\n"
+        "Assistant: Not on its own."
+    )
+    assert [(t.role, t.text) for t in instruct.parse_conversation(reply)] == [
+        ("user", "What do the two panels show?"),
+        ("assistant", "The figure has two panels.\nA: the CT shows a mass in the left upper lobe.\n"
+                      "B: the PET/CT shows intense tracer uptake in it.\nQ: a question-like label inside the answer."),
+        ("user", "Is the uptake specific?"),
+        ("assistant", "Not on its own."),
+    ]  # fmt: skip
+    # A reply written in the bare style (its first label "Q:") keeps them as role labels.
+    bare = "Here you go.\nA: not yet a turn\nQ: What is shown?\nA: A CT.\nQ: Where?\nA: Left."
+    assert [(t.role, t.text) for t in instruct.parse_conversation(bare)] == [
+        ("user", "What is shown?"), ("assistant", "A CT."), ("user", "Where?"), ("assistant", "Left."),
+    ]  # fmt: skip

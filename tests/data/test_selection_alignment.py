@@ -159,3 +159,45 @@ def test_align_cli_filters_and_writes_llava_json(tmp_path):
     source.write_text(source.read_text() + "{not json\n")
     done = run()
     assert done.returncode == 2 and f"{source}: line 6: not JSON" in done.stderr
+
+
+def test_align_skips_hand_made_records_of_the_wrong_shape_by_line(tmp_path):
+    cc_by = {"code": "CC BY", "commercial_use": True}
+    figures = [
+        {**_figure("1_F1", 5), "licence": cc_by},
+        {**_figure("1_F2", 5), "licence": "CC BY"},  # a string where the object belongs
+        {**_figure("1_F3", 5), "licence": cc_by, "caption": 123},
+        {**_figure("1_F1", 7), "licence": cc_by},  # a repeated pair id: the first line's record stays
+        {**_figure("1_F4", 5), "licence": cc_by, "graphic": "g4"},
+    ]
+    source = tmp_path / "figures.jsonl"
+    source.write_text("".join(json.dumps(f) + "\n" for f in figures))
+    out = tmp_path / "align.json"
+    args = ["curate", "align", "--input", str(source), "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "llavamed_fast.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"curate align: {source}: line 4: pair_id '1_F1' repeats line 1; left out",
+        f"curate align: skipped {source}: line 2: field 'licence' must be an object (or null), got str 'CC BY'",
+        f"curate align: skipped {source}: line 3: field 'caption' must be a string (or null), got int 123",
+    ]
+    records = json.loads(out.read_text())
+    assert [r["id"] for r in records] == ["1_F1", "1_F4"] and records[0]["conversations"][1]["value"] == (
+        "word word word word word"
+    )
+    # An image name from a field that a record lacks names the field and the ones it has.
+    done = subprocess.run(
+        [sys.executable, "-m", "llavamed_fast.cli", *args, "--image-name", "{graphic}.jpg"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        f"curate align: skipped {source}: line 1: image name template '{{graphic}}.jpg': the record has no "
+        "string field 'graphic'; it has caption, pair_id, pmid" in done.stderr.splitlines()
+    )
+    assert [r["image"] for r in json.loads(out.read_text())] == ["g4.jpg"]
+
+
+def test_a_licence_of_the_wrong_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="licence must be an object with code and commercial_use, got str"):
+        selection.licence_allows("CC BY", "any")
