@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from llavamed_fast._argtypes import number as checked_number
 
 # torch is imported by the commands that need it, never here: data curation runs without it.
 DTYPES = ("bfloat16", "float16", "float32")
@@ -44,26 +46,6 @@ def _backends(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(ops.REGISTRY.describe(device), indent=2))
     return 0
-
-
-def _curate_number(kind: type, minimum: float, *, inclusive: bool = True) -> Callable[[str], float]:
-    """An argparse type for a curate option: a number of ``kind`` at least ``minimum`` (above it when not
-    ``inclusive``), so a value that cannot work ("--concurrency 0", "--max-retries -1") is a usage error."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
-        if not (value >= minimum if inclusive else value > minimum):  # also refuses nan
-            raise argparse.ArgumentTypeError(
-                f"must be {'at least' if inclusive else 'more than'} {minimum:g}, got {text}"
-            )
-        return value
-
-    return parse
 
 
 def _curate_pmc(args: argparse.Namespace) -> int:
@@ -309,11 +291,11 @@ def parser() -> argparse.ArgumentParser:
     )
     teach.add_argument("--model", required=True, help="the teacher model (Azure: the deployment name)")
     # Checked values: a count of at least one, a retry count, a float above zero, one not below zero.
-    count, tries = _curate_number(int, 1), _curate_number(int, 0)
-    above_zero, not_negative = _curate_number(float, 0, inclusive=False), _curate_number(float, 0)
+    count, tries = checked_number(int, 1), checked_number(int, 0)
+    above_zero, not_negative = checked_number(float, 0, inclusive=False), checked_number(float, 0)
     teach.add_argument("--concurrency", type=count, default=8, help="requests in flight at most")
     teach.add_argument(
-        "--rpm", type=_curate_number(float, 1), default=None, help="requests per minute at most"
+        "--rpm", type=checked_number(float, 1), default=None, help="requests per minute at most"
     )
     teach.add_argument("--tpm", type=above_zero, default=None, help="tokens per minute at most (estimated)")
     teach.add_argument("--max-retries", type=tries, default=6)

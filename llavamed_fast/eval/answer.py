@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,18 +111,62 @@ class AnswerConfig:
             raise ValueError(f"unknown prompt style {self.prompt_style!r}; known: {', '.join(PROMPT_STYLES)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings each answer records (``metadata``), which a resumed run must share."""
+        return {
+            "prompt_style": self.prompt_style,
+            "noise_images": self.noise_images,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
-def answered_ids(path: str | os.PathLike[str]) -> set[str]:
-    """Question ids already in an answer file (a cut last line from a crash is removed first)."""
+class AnswerFileError(ValueError):
+    """An answer file that cannot be resumed: a line that is not an answer, or answers made differently."""
+
+
+def answered_ids(
+    path: str | os.PathLike[str],
+    config: AnswerConfig | None = None,
+    prompts: Mapping[str, str] | None = None,
+) -> set[str]:
+    """Question ids already in an answer file (a cut last line from a crash is removed first).
+
+    With ``config`` (and ``prompts``, question id -> user turn), every answer there must have been made as
+    this run would make it: a resumed run skips the answered ids, so answers from another model, prompt
+    style or setting would be mixed in silently and scored as this run's. An error names the line, the
+    setting and both values.
+    """
     lines, _ = read_log(path)
     done = set()
     for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                done.add(str(json.loads(line)["question_id"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}: line {number}: not an answer record ({error})") from None
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            row = json.loads(line)
+            question_id = str(row["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise AnswerFileError(f"{where}: not an answer record ({error})") from None
+        if config is not None:
+            metadata = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+            recorded = {"model_id": row.get("model_id"), **{k: metadata.get(k) for k in config.recorded()}}
+            wanted = {"model_id": config.model_id, **config.recorded()}
+            for name, value in wanted.items():
+                if recorded[name] != value:
+                    raise AnswerFileError(
+                        f"{where}: question {question_id} was answered with {name} {recorded[name]!r}, this "
+                        f"run asks for {value!r}; answer into another --out (or delete this file to start "
+                        "again)"
+                    )
+            if prompts is not None and question_id in prompts and row.get("prompt") != prompts[question_id]:
+                raise AnswerFileError(
+                    f"{where}: question {question_id} was answered with the prompt {row.get('prompt')!r}, this "
+                    f"run asks {prompts[question_id]!r} (another question file?); answer into another --out"
+                )
+        done.add(question_id)
     return done
 
 
@@ -147,13 +191,14 @@ def answer_questions(
 ) -> dict[str, Any]:
     """Answer ``(question_id, user_turn, image_paths)`` items into the answer file ``out``.
 
-    Questions already in ``out`` are skipped. An image that cannot be read skips its question with an
+    Questions already in ``out`` are skipped; answers there made with other settings are an
+    :class:`AnswerFileError` (see :func:`answered_ids`). An image that cannot be read skips its question with an
     error that names the question and the file; the others are answered. Returns
     ``{"answered", "skipped_done", "failed": {question_id: why}}``.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = answered_ids(out)
+    done = answered_ids(out, config, {question_id: turn for question_id, turn, _ in questions})
     todo = [q for q in questions if q[0] not in done]
     failed: dict[str, str] = {}
     answered = 0
@@ -174,9 +219,7 @@ def answer_questions(
             results = generate_batch(model, processor, conversations, max_new_tokens=config.max_new_tokens)
             for (question_id, turn), result in zip(chunk, results, strict=True):
                 meta = {
-                    "prompt_style": config.prompt_style,
-                    "noise_images": config.noise_images,
-                    "max_new_tokens": config.max_new_tokens,
+                    **config.recorded(),
                     **(metadata(question_id) if metadata else {}),
                 }
                 row = {

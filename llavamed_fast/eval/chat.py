@@ -164,15 +164,24 @@ def judge_messages(question: ChatQuestion, first: str, second: str) -> list[dict
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-_NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*/\s*10)?(?![\w.])")
+_SCORE = r"(\d+(?:\.\d+)?)(?:\s*/\s*10)?"
+# The prompt asks for a first line of "only the two scores ... separated by a space"; a comma and "/10"
+# after each score are tolerated. Anything else on the line ("Assistant 1: 8", "8 out of 10") makes the
+# numbers ambiguous, so the reply is refused rather than guessed at.
+_SCORES_LINE = re.compile(rf"\s*{_SCORE}\s*(?:,\s*|\s+){_SCORE}\s*")
+LOWEST, HIGHEST = 1.0, 10.0  # the scale the judge prompt asks for
 
 
 def parse_scores(reply: str) -> tuple[float, float]:
-    """The two scores on the first non-empty line of a judge reply ("8 6", "8, 6", "8/10 6/10")."""
+    """The two scores on the first non-empty line of a judge reply ("8 6", "8, 6", "8/10 6/10"), each on
+    the prompt's scale of 1 to 10; a line with anything else on it is refused."""
     line = next((line for line in reply.splitlines() if line.strip()), "")
-    numbers = [float(n) for n in _NUMBER.findall(line)]
-    if len(numbers) != 2 or not all(0 <= n <= 10 for n in numbers):
-        raise ChatEvalError(f"the first line {line[:80]!r} does not hold exactly two scores between 0 and 10")
+    match = _SCORES_LINE.fullmatch(line)
+    numbers = [float(n) for n in match.groups()] if match else []
+    if len(numbers) != 2 or not all(LOWEST <= n <= HIGHEST for n in numbers):
+        raise ChatEvalError(
+            f"the first line {line[:80]!r} is not exactly two scores from 1 to 10 (as in '8 6')"
+        )
     return numbers[0], numbers[1]
 
 
@@ -279,10 +288,10 @@ def judge(
                 failed.setdefault(q.question_id, f"{order}: judge reply unusable: {error}")
         if q.question_id in failed:
             continue
+        # parse_scores holds every score to the prompt's 1-10, so no ratio below divides by zero: a 0 (which
+        # LLaVA-Med's summary would divide by, and crash) is an unusable reply and fails the question above,
+        # keeping every number of a group over the same questions, as the original's table.
         (ref_a, mod_a), (mod_b, ref_b) = review["reference_first"]["scores"], review["model_first"]["scores"]
-        if ref_a + ref_b == 0:
-            failed[q.question_id] = "the judge gave the reference 0 in both orders: no ratio"
-            continue
         review["reference_score"] = (ref_a + ref_b) / 2
         review["model_score"] = (mod_a + mod_b) / 2
         reviews.append(review)

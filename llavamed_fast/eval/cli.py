@@ -8,9 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+from llavamed_fast._argtypes import number
 from llavamed_fast.eval.datasets import DEFAULT_FOLDERS, LOADERS, DatasetError
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+COUNT, LIMIT = number(int, 1), number(int, 0)  # LIMIT: 0 means all
+QA50 = "llava-med-qa50/llava_med_eval_qa50_qa.jsonl"  # the chat questions, under the shared data
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -46,17 +51,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
-    from llavamed_fast.eval.answer import AnswerConfig, answer_questions, vqa_questions
+    from llavamed_fast.eval.answer import (
+        AnswerConfig,
+        AnswerFileError,
+        answer_questions,
+        answered_ids,
+        vqa_questions,
+    )
     from llavamed_fast.eval.datasets import read_records
-    from llavamed_fast.model.checkpoint import load_for_inference
+    from llavamed_fast.model.checkpoint import CheckpointError, load_for_inference
 
-    try:
-        records = read_records(args.questions)
-    except DatasetError as error:
-        print(f"eval answer: {error}", file=sys.stderr)
-        return 2
-    if args.limit:
-        records = records[: args.limit]
     config = AnswerConfig(
         prompt_style=args.prompt_style,
         batch_size=args.batch_size,
@@ -64,15 +68,18 @@ def _answer(args: argparse.Namespace) -> int:
         noise_images=args.noise_images,
         model_id=args.model_id or Path(args.model).name,
     )
-    model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
-    summary = answer_questions(
-        model,
-        processor,
-        vqa_questions(records, config.prompt_style),
-        args.out,
-        config,
-        progress=args.progress,
-    )
+    try:
+        records = read_records(args.questions)
+        if args.limit:
+            records = records[: args.limit]
+        items = vqa_questions(records, config.prompt_style)
+        # The answer file is checked before the model is loaded: a run it cannot resume fails at once.
+        answered_ids(args.out, config, {question_id: turn for question_id, turn, _ in items})
+        model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+        summary = answer_questions(model, processor, items, args.out, config, progress=args.progress)
+    except (DatasetError, AnswerFileError, CheckpointError) as error:
+        print(f"eval answer: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({**summary, "answers": str(args.out)}))
     return 1 if summary["failed"] else 0
 
@@ -84,7 +91,10 @@ def _score(args: argparse.Namespace) -> int:
 
     protocols = scoring.PROTOCOLS if args.protocol == "both" else (args.protocol,)
     try:
-        pairs = scoring.join(read_jsonl(args.predictions), read_jsonl(args.references))
+        references = list(read_jsonl(args.references))
+        if not references:
+            raise scoring.ScoringError(f"{args.references}: no reference questions (an empty file?)")
+        pairs = scoring.join(read_jsonl(args.predictions), references)
     except (DatasetError, scoring.ScoringError) as error:
         print(f"eval score: {error}", file=sys.stderr)
         return 2
@@ -106,10 +116,11 @@ def _score(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from llavamed_fast.data.teacher import TeacherError, config_from_args
     from llavamed_fast.eval import chat, report
+    from llavamed_fast.eval.datasets import default_path
 
     out = Path(args.out)
     try:
-        questions = chat.load_questions(args.questions)
+        questions = chat.load_questions(args.questions or default_path(QA50, "--questions"))
         if args.limit:
             questions = questions[: args.limit]
         if args.answers:
@@ -123,17 +134,27 @@ def _chat(args: argparse.Namespace) -> int:
                 return 2
             chat.check_images(questions, args.image_folder)
             answers_file = out / "answers.jsonl"
-            from llavamed_fast.eval.answer import AnswerConfig, answer_questions
-            from llavamed_fast.model.checkpoint import load_for_inference
+            from llavamed_fast.eval.answer import (
+                AnswerConfig,
+                AnswerFileError,
+                answer_questions,
+                answered_ids,
+            )
+            from llavamed_fast.model.checkpoint import CheckpointError, load_for_inference
 
-            model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
             config = AnswerConfig(
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
                 model_id=args.model_id or Path(args.model).name,
             )
             items = [(q.question_id, q.prompt, [str(Path(args.image_folder) / q.image)]) for q in questions]
-            done = answer_questions(model, processor, items, answers_file, config, metadata=lambda _q: {})
+            try:
+                answered_ids(answers_file, config, {q.question_id: q.prompt for q in questions})
+                model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+                done = answer_questions(model, processor, items, answers_file, config, metadata=lambda _q: {})
+            except (AnswerFileError, CheckpointError) as error:
+                print(f"eval chat: {error}", file=sys.stderr)
+                return 2
             if done["failed"]:
                 print(f"eval chat: {len(done['failed'])} questions could not be answered", file=sys.stderr)
                 return 1
@@ -162,7 +183,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from llavamed_fast.eval.datasets import shared_data_dir
     from llavamed_fast.eval.prompts import PROMPT_STYLES
 
     evaluate = commands.add_parser(
@@ -184,15 +204,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--images", help="with --hub: where to write its images (default: OUT_images/)")
     export.add_argument("--format", default="canonical", choices=("canonical", "llava"))
-    export.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    export.add_argument("--limit", type=LIMIT, default=0, help="only the first N questions")
     export.add_argument("--out", required=True)
     export.set_defaults(run=_export)
 
     def model_options(parser: argparse.ArgumentParser, required: bool) -> None:
         parser.add_argument("--model", required=required, help="a checkpoint directory (HF layout)")
         parser.add_argument("--model-id", help="model_id written into the answer file (default: folder name)")
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--batch-size", type=COUNT, default=16)
+        parser.add_argument("--max-new-tokens", type=COUNT, default=64)
         parser.add_argument("--device", help="default: cuda if available, else cpu")
         parser.add_argument("--dtype", choices=DTYPES, help="default: as stored")
 
@@ -202,7 +222,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     model_options(answer, required=True)
     answer.add_argument("--prompt-style", default="llava-med", choices=sorted(PROMPT_STYLES))
     answer.add_argument("--noise-images", action="store_true", help="replace every image with noise")
-    answer.add_argument("--limit", type=int, default=0)
+    answer.add_argument("--limit", type=LIMIT, default=0)
     answer.add_argument("--progress", action="store_true")
     answer.set_defaults(run=_answer)
 
@@ -218,8 +238,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     judge = steps.add_parser("chat", help="LLaVA-Med's chat benchmark with an OpenAI-compatible judge")
     judge.add_argument(
         "--questions",
-        default=str(shared_data_dir() / "llava-med-qa50" / "llava_med_eval_qa50_qa.jsonl"),
-        help="the question file (default: the shared copy of LLaVA-Med's qa50)",
+        help=f"the question file (default: the shared copy of LLaVA-Med's qa50, $LLAVAMED_SHARED_DATA/{QA50})",
     )
     source = judge.add_mutually_exclusive_group(required=True)
     source.add_argument("--answers", help="a LLaVA-style answer file to judge")
@@ -228,8 +247,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     for name in ("--model-id", "--device"):
         judge.add_argument(name)
     judge.add_argument("--dtype", choices=DTYPES)
-    judge.add_argument("--batch-size", type=int, default=8)
-    judge.add_argument("--max-new-tokens", type=int, default=512)
+    judge.add_argument("--batch-size", type=COUNT, default=8)
+    judge.add_argument("--max-new-tokens", type=COUNT, default=512)
     judge.add_argument("--out", required=True, help="folder for reviews, report and the judge's ledger")
     judge.add_argument("--judge-model", required=True, help="e.g. gpt-4o-2024-08-06; recorded in the report")
     judge.add_argument(
@@ -238,11 +257,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the variable holding the key")
     judge.add_argument("--azure-api-version")
     judge.add_argument("--ledger", help="judge reply cache (default: OUT/judge_ledger.jsonl)")
-    judge.add_argument("--concurrency", type=int, default=8)
-    judge.add_argument("--rpm", type=float, help="requests per minute at most")
-    judge.add_argument("--max-retries", type=int, default=6)
-    judge.add_argument("--timeout", type=float, default=120.0)
-    judge.add_argument("--temperature", type=float, default=0.0)
-    judge.add_argument("--max-tokens", type=int, default=512)
-    judge.add_argument("--limit", type=int, default=0)
+    # The judge's client options, checked as the curate commands check theirs.
+    above_zero, not_negative = number(float, 0, inclusive=False), number(float, 0)
+    judge.add_argument("--concurrency", type=COUNT, default=8)
+    judge.add_argument("--rpm", type=number(float, 1), help="requests per minute at most")
+    judge.add_argument("--max-retries", type=LIMIT, default=6)
+    judge.add_argument("--timeout", type=above_zero, default=120.0, help="seconds per request")
+    judge.add_argument("--temperature", type=not_negative, default=0.0)
+    judge.add_argument("--max-tokens", type=COUNT, default=512)
+    judge.add_argument("--limit", type=LIMIT, default=0)
     judge.set_defaults(run=_chat)

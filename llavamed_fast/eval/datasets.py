@@ -17,7 +17,8 @@ Conventions (the ones LLaVA-Med's numbers rest on):
   One English training row has an empty answer (qid 1622); it is left out with a warning.
   CLOSED answers are not all yes/no (e.g. "Lung" for "Which is bigger, ...?").
 - **PathVQA**: JSONL rows ``{qid, image, question, answer[, answer_type]}`` with images in ``images/``;
-  without a type, CLOSED exactly when the answer is yes/no (LLaVA-Med's convention).
+  without a type, CLOSED exactly when the answer is yes/no (LLaVA-Med's convention). The rows do not say
+  their split, so a file whose name says another split than the one asked for is refused.
 - Hugging Face copies (:func:`from_hub`) when the ``datasets`` package and a copy are at hand.
 
 A row without a question or an answer is left out with a warning that names it (the published files
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -194,6 +196,8 @@ def from_hub(
     source = Path(name)
     if source.is_dir():
         loaded = datasets.load_from_disk(str(source))
+        if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+            raise DatasetError(f"{name}: no split {split!r}; this copy has {', '.join(map(repr, loaded))}")
         table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     else:
         table = datasets.load_dataset(name, split=split)
@@ -237,12 +241,47 @@ def load(
     PathVQA ``root`` is the JSONL file or a folder holding ``{split}.jsonl``."""
     if dataset not in LOADERS:
         raise DatasetError(f"unknown dataset {dataset!r}; known: {', '.join(LOADERS)}")
-    where = Path(root) if root is not None else shared_data_dir() / DEFAULT_FOLDERS[dataset]
+    where = Path(root) if root is not None else default_path(DEFAULT_FOLDERS[dataset], "--root")
     if dataset == "pathvqa":
         if where.is_dir():
             where = where / f"{split}.jsonl"
+        else:
+            _check_named_split(where, split)
         return pathvqa(where)
     return LOADERS[dataset](where, split, **options)
+
+
+_SPLIT_NAMES = {"train": {"train"}, "test": {"test"}, "validate": {"val", "valid", "validate", "validation"}}
+
+
+def _check_named_split(path: Path, split: str) -> None:
+    """A PathVQA file holds one split and its rows do not say which; when its name says another split (the
+    shared sample, ``test_sample.jsonl``, asked for ``train``), refuse rather than export the wrong one."""
+    words = set(re.split(r"[^a-z]+", path.stem.lower()))
+    wanted = next((names for names in _SPLIT_NAMES.values() if split.lower() in names), {split.lower()})
+    named = {s for s, names in _SPLIT_NAMES.items() if words & names}
+    if named and not words & wanted:
+        raise DatasetError(
+            f"{path}: holds the {'/'.join(sorted(named))} split by its name, not {split!r}; pass --root "
+            f"with the {split} JSONL or a folder holding {split}.jsonl"
+        )
+
+
+def default_path(relative: str, option: str) -> Path:
+    """``relative`` under :func:`shared_data_dir`, or an error saying how to point at the shared data (the
+    variable, or the command's ``option``) when it is not there."""
+    path = shared_data_dir() / relative
+    if not path.exists():
+        where = (
+            f"LLAVAMED_SHARED_DATA={os.environ['LLAVAMED_SHARED_DATA']}"
+            if "LLAVAMED_SHARED_DATA" in os.environ
+            else "LLAVAMED_SHARED_DATA is not set, so ../shared/data from the current folder is used"
+        )
+        raise DatasetError(
+            f"{path}: no such file or folder (the default, $LLAVAMED_SHARED_DATA/{relative}; {where}); "
+            f"set LLAVAMED_SHARED_DATA to the shared data folder or pass {option}"
+        )
+    return path
 
 
 def check_images(records: Iterable[VQARecord]) -> None:
@@ -276,12 +315,18 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, An
 
 def read_records(path: str | os.PathLike[str]) -> list[VQARecord]:
     """Canonical records back from JSONL (relative image paths are taken from the file's folder)."""
-    records = []
+    records, seen = [], set()
     for where, row in read_jsonl(path):
         try:
             record = VQARecord(**{name: str(row[name]) for name in VQARecord.__dataclass_fields__})
         except KeyError as error:
             raise DatasetError(f"{where}: record has no {error.args[0]!r}") from None
+        except DatasetError as error:  # an unknown answer_type: say where it is
+            raise DatasetError(f"{where}: {error}") from None
+        # Answers and scores join on the id: a repeated one would be answered twice and scored once.
+        if record.question_id in seen:
+            raise DatasetError(f"{where}: question_id {record.question_id!r} appears twice")
+        seen.add(record.question_id)
         if not Path(record.image).is_absolute():
             record = VQARecord(
                 **{**record.to_json(), "image": str((Path(path).parent / record.image).resolve())}

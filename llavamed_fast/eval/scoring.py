@@ -100,15 +100,18 @@ class Pair:
     record: Mapping[str, Any]
 
 
-def _by_id(rows: Iterable[tuple[str, Mapping[str, Any]]], what: str) -> dict[str, Mapping[str, Any]]:
-    seen: dict[str, Mapping[str, Any]] = {}
+def _by_id(
+    rows: Iterable[tuple[str, Mapping[str, Any]]], what: str
+) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """``{question_id: (where, record)}``, ``where`` kept so that later errors can name the file and line."""
+    seen: dict[str, tuple[str, Mapping[str, Any]]] = {}
     for where, row in rows:
         if "question_id" not in row:
             raise ScoringError(f"{where}: {what} record has no question_id")
         key = str(row["question_id"])
         if key in seen:
             raise ScoringError(f"{where}: question_id {key!r} appears twice in the {what}")
-        seen[key] = row
+        seen[key] = (where, row)
     return seen
 
 
@@ -117,8 +120,12 @@ def join(
     references: Iterable[tuple[str, Mapping[str, Any]]],
 ) -> list[Pair]:
     """Pairs in reference order. Each input yields ``(where, record)``, ``where`` naming file and line."""
-    preds = _by_id(predictions, "predictions")
+    # References first: a question file with a repeated id gets answered twice, and the error must name the
+    # question file, not the answers that followed it.
     refs = _by_id(references, "references")
+    if not refs:
+        raise ScoringError("the references hold no questions")
+    preds = _by_id(predictions, "predictions")
     missing = [key for key in refs if key not in preds]
     extra = [key for key in preds if key not in refs]
     if missing:
@@ -129,15 +136,17 @@ def join(
     if extra:
         raise ScoringError(f"{len(extra)} prediction(s) answer no reference question, first {extra[0]!r}")
     pairs = []
-    for key, ref in refs.items():
-        pred = preds[key]
+    for key, (ref_where, ref) in refs.items():
+        pred_where, pred = preds[key]
         kind = str(ref.get("answer_type", "")).strip().upper()
         if kind not in ("OPEN", "CLOSED"):
             raise ScoringError(
-                f"reference {key!r}: answer_type must be OPEN or CLOSED, got {ref.get('answer_type')!r}"
+                f"{ref_where}: reference {key!r}: answer_type must be OPEN or CLOSED, got {ref.get('answer_type')!r}"
             )
+        if "answer" not in ref:
+            raise ScoringError(f"{ref_where}: reference {key!r} has no 'answer'")
         if not isinstance(pred.get("text"), str):
-            raise ScoringError(f"prediction {key!r} has no 'text' string")
+            raise ScoringError(f"{pred_where}: prediction {key!r} has no 'text' string")
         pairs.append(Pair(key, pred["text"], str(ref["answer"]), kind, ref))
     return pairs
 

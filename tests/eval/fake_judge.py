@@ -4,7 +4,8 @@ It reads the caption and the two answers out of the request and scores each answ
 caption's words (4+ letters) it uses: ``1 + min(8, shared words)``, plus one point for whichever answer is
 shown first (a position bias the benchmark must cancel). The first line is ``"S1 S2"``, then a sentence.
 ``fail[question text]`` makes the next requests about that question get the listed HTTP statuses, and
-``malformed`` questions get a reply without scores. Requests are counted per question and order.
+``malformed`` questions get a reply without scores, and ``scripted[question text]`` is called with the two
+answers (Assistant 1's first) for a reply text of the test's own. Requests are counted per question.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 API_KEY = "judge-test-key-not-secret"
@@ -37,6 +39,7 @@ class FakeJudge:
     def __init__(self) -> None:
         self.fail: dict[str, list[int]] = {}
         self.malformed: set[str] = set()
+        self.scripted: dict[str, Callable[[str, str], str]] = {}
         self.requests: Counter[str] = Counter()
         self.keys_seen: set[str] = set()
         self.lock = threading.Lock()
@@ -70,11 +73,13 @@ class FakeJudge:
                     "error": {"message": "scripted failure", "type": "invalid_request_error"}
                 }
             bad = question in self.malformed
-        text = (
-            "Both answers are fine."
-            if bad
-            else f"{base_score(first, caption) + 1} {base_score(second, caption)}\nScored by caption words."
-        )
+            script = self.scripted.get(question)
+        if script is not None:
+            text = script(first, second)
+        elif bad:
+            text = "Both answers are fine."
+        else:
+            text = f"{base_score(first, caption) + 1} {base_score(second, caption)}\nScored by caption words."
         return 200, {
             "id": "chatcmpl-test",
             "object": "chat.completion",

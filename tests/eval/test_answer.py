@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import force_token
@@ -12,6 +13,7 @@ from llavamed_fast.data.templates import Message
 from llavamed_fast.eval import datasets
 from llavamed_fast.eval.answer import (
     AnswerConfig,
+    AnswerFileError,
     answer_questions,
     generate_batch,
     vqa_questions,
@@ -115,3 +117,63 @@ def test_noise_images_replace_every_image_deterministically(tmp_path, data_dir):
 
     assert texts("noise1.jsonl") == texts("noise2.jsonl")  # noise drawn per question, not per position
     assert texts("noise1.jsonl") != texts("real.jsonl")
+
+
+def test_a_resumed_answer_file_must_have_been_made_with_the_same_settings(tmp_path, data_dir):
+    model, processor = build("tiny-v1.5", seed=0)
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")[:3]
+    config = AnswerConfig(max_new_tokens=3, model_id="tiny")
+    out = tmp_path / "answers.jsonl"
+    answer_questions(model, processor, vqa_questions(records[:2], "llava-med"), out, config)
+    before = out.read_text()
+    first = records[0].question_id
+    changes = [
+        ("model_id", "tiny", "other"),
+        ("prompt_style", "llava-med", "plain"),
+        ("max_new_tokens", 3, 4),
+        ("noise_images", False, True),
+    ]
+    for name, old, new in changes:
+        changed = replace(config, **{name: new})
+        items = vqa_questions(records, changed.prompt_style)
+        with pytest.raises(
+            AnswerFileError,
+            match=rf"answers.jsonl: line 1: question {first} was answered with {name} {old!r}, this run asks "
+            rf"for {new!r}; answer into another --out",
+        ):
+            answer_questions(model, processor, items, out, changed)
+        assert out.read_text() == before, name  # nothing answered, nothing lost
+    # The same id asked differently (another question file) is not the same question.
+    reworded = [datasets.VQARecord(**{**records[0].to_json(), "question": "Reworded?"}), *records[1:]]
+    with pytest.raises(AnswerFileError, match=rf"line 1: question {first} was answered with the prompt"):
+        answer_questions(model, processor, vqa_questions(reworded, "llava-med"), out, config)
+    # The same settings resume: only the missing question is answered.
+    done = answer_questions(model, processor, vqa_questions(records, "llava-med"), out, config)
+    assert (done["answered"], done["skipped_done"]) == (1, 2)
+
+
+def test_answer_command_refuses_what_it_cannot_do_before_loading_a_model(tmp_path, data_dir, capsys):
+    from llavamed_fast.cli import main
+
+    questions = datasets.write_jsonl(datasets.vqa_rad(data_dir / "vqa-rad", "test")[:2], tmp_path / "q.jsonl")
+    out = tmp_path / "answers.jsonl"
+    base = ["eval", "answer", "--questions", str(questions), "--out", str(out), "--device", "cpu"]
+    missing = tmp_path / "no_such_checkpoint"
+    assert main([*base, "--model", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    for option in ("--batch-size", "--max-new-tokens"):
+        with pytest.raises(SystemExit) as stop:
+            main([*base, "--model", str(missing), option, "0"])
+        assert (
+            stop.value.code == 2
+            and f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+        )
+    # An answer file that cannot be resumed is named before the (here missing) model would be loaded.
+    settings = AnswerConfig().recorded()  # the command's defaults
+    row = {"question_id": "x", "prompt": "p", "text": "t", "model_id": missing.name, "metadata": settings}
+    out.write_text(json.dumps(row) + "\nnot json\n")
+    assert main([*base, "--model", str(missing)]) == 2
+    assert "answers.jsonl: line 2: not an answer record" in capsys.readouterr().err
+    out.write_text(json.dumps({**row, "metadata": {**settings, "prompt_style": "plain"}}) + "\n")
+    assert main([*base, "--model", str(missing)]) == 2
+    assert "line 1: question x was answered with prompt_style 'plain'" in capsys.readouterr().err

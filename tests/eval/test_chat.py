@@ -153,6 +153,53 @@ def test_failed_and_unusable_judgements_are_named_and_a_rerun_asks_only_for_them
         assert json.loads(rerun.stdout.strip().splitlines()[-1])["judged"] == 39
 
 
+def test_zero_and_wordy_score_lines_fail_their_question_and_the_report_is_still_written(tmp_path, data_dir):
+    out = tmp_path / "chat"
+    args = [
+        "--questions", data_dir / QA, "--answers", data_dir / ANSWERS, "--out", out,
+        "--judge-model", "judge-test", "--api-key-env", "JUDGE_KEY", "--limit", "12",
+    ]  # fmt: skip
+    questions = [json.loads(line) for line in (data_dir / QA).read_text().splitlines()[:12]]
+    answers = {
+        str(a["question_id"]): a["text"]
+        for a in map(json.loads, (data_dir / ANSWERS).read_text().splitlines())
+    }
+    zero, *wordy = [unique_question(data_dir, skip) for skip in range(4)]
+    assert {q["question_id"] for q in [zero, *wordy]} <= {q["question_id"] for q in questions}
+    reference = zero["gpt4_answer"].strip()
+    with FakeJudge() as judge:
+        # The reference gets 0 only when shown first: its two-order mean is fine, its one-order ratio is not.
+        judge.scripted[zero["clean"]] = lambda first, _: "0 5\nNo." if first == reference else "6 4\nYes."
+        # Two numbers on the line, but not the two scores the prompt asks for.
+        for q, line in zip(
+            wordy, ["Assistant 1: 8\nAssistant 2: 6", "8 out of 10", "Score 1: 9"], strict=True
+        ):
+            judge.scripted[q["clean"]] = lambda *_, line=line: line
+        for attempt in ("asked", "from the ledger"):
+            done = run_cli([*args, "--base-url", judge.base_url], tmp_path)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, (attempt, done.stderr)
+            for q in [zero, *wordy]:
+                assert f"question {q['question_id']} not scored: reference_first: judge reply unusable" in (
+                    done.stderr
+                ), attempt
+            summary = json.loads((out / "chat_summary.json").read_text())
+            assert sorted(summary["failed_questions"]) == sorted(
+                str(q["question_id"]) for q in [zero, *wordy]
+            )
+            assert (summary["judged"], summary["failed"]) == (8, 4)
+            assert sum(judge.requests.values()) == 24  # the rerun sent nothing: the replies are in the ledger
+            # The other questions' numbers, recomputed from the judge's rule.
+            kept = [q for q in questions if str(q["question_id"]) not in summary["failed_questions"]]
+            ratios = [
+                (base_score(answers[str(q["question_id"])], q["fig_caption"]) + 0.5)
+                / (base_score(q["gpt4_answer"], q["fig_caption"]) + 0.5)
+                for q in kept
+            ]
+            assert summary["groups"]["overall"]["relative_score"] == round(100 * sum(ratios) / len(ratios), 2)
+            assert "| overall | 8 |" in (out / "chat_report.md").read_text()
+            assert len((out / "chat_reviews.jsonl").read_text().splitlines()) == 8
+
+
 def test_a_wrong_key_stops_the_run_with_a_clear_error(tmp_path, data_dir):
     with FakeJudge() as judge:
         env_args = ["--questions", data_dir / QA, "--answers", data_dir / ANSWERS, "--out", tmp_path / "c"]
@@ -174,7 +221,22 @@ def test_parse_scores(reply, scores):
     assert chat.parse_scores(reply) == scores
 
 
-@pytest.mark.parametrize("reply", ["Assistant 1 is better.", "8 6 7", "11 3", ""])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Assistant 1 is better.",
+        "8 6 7",
+        "11 3",
+        "",
+        # Two numbers, but not the two scores: the prompt asks for a line of only the scores.
+        "Assistant 1: 8\nAssistant 2: 6",
+        "8 out of 10",
+        "Score 1: 9",
+        "Assistant 1: 8 Assistant 2: 6",
+        # The prompt's scale is 1 to 10.
+        "0 5",
+    ],
+)
 def test_parse_scores_refuses_anything_else(reply):
     with pytest.raises(chat.ChatEvalError, match="exactly two scores"):
         chat.parse_scores(reply)
@@ -225,3 +287,54 @@ def test_chat_answers_with_a_checkpoint_then_judges(tmp_path, data_dir):
     (folder / questions[1].image).unlink()
     missing = run_cli(args, tmp_path)
     assert missing.returncode == 2 and questions[1].image in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--concurrency", "0", "must be at least 1, got 0"),
+        ("--max-retries", "-1", "must be at least 0, got -1"),
+        ("--timeout", "0", "must be more than 0, got 0"),
+        ("--timeout", "nan", "must be more than 0, got nan"),
+        ("--temperature", "-0.5", "must be at least 0, got -0.5"),
+        ("--max-tokens", "0", "must be at least 1, got 0"),
+        ("--rpm", "0.5", "must be at least 1, got 0.5"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--max-new-tokens", "0", "must be at least 1, got 0"),
+        ("--limit", "-1", "must be at least 0, got -1"),
+        ("--concurrency", "two", "'two' is not an integer"),
+    ],
+)
+def test_chat_numeric_options_are_checked_before_anything_runs(tmp_path, capsys, option, value, why):
+    from llavamed_fast.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "eval",
+                "chat",
+                "--answers",
+                "a.jsonl",
+                "--out",
+                str(tmp_path),
+                "--judge-model",
+                "j",
+                option,
+                value,
+            ]
+        )
+    assert stop.value.code == 2 and f"argument {option}: {why}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_default_question_file_names_the_variable(tmp_path, monkeypatch, capsys):
+    from llavamed_fast.cli import main
+
+    monkeypatch.setenv("LLAVAMED_SHARED_DATA", str(tmp_path))
+    assert (
+        main(["eval", "chat", "--answers", "a.jsonl", "--out", str(tmp_path / "c"), "--judge-model", "j"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"{tmp_path.resolve() / QA}: no such file or folder" in err and "LLAVAMED_SHARED_DATA=" in err
+    assert "--questions" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +71,43 @@ def test_pathvqa_sample_and_the_yes_no_rule(data_dir, tmp_path):
     ]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r.answer_type for r in datasets.load("pathvqa", "test", tmp_path)] == ["CLOSED", "OPEN"]
+
+
+def test_a_pathvqa_file_named_for_another_split_is_refused(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LLAVAMED_SHARED_DATA", str(data_dir))
+    assert len(datasets.load("pathvqa", "test")) == 87  # the shared sample, test_sample.jsonl
+    # Its rows do not say their split: asked for another, it must not hand back the test questions.
+    for split in ("train", "validate"):
+        with pytest.raises(
+            DatasetError, match=rf"test_sample.jsonl: holds the test split by its name, not '{split}'"
+        ):
+            datasets.load("pathvqa", split)
+    with pytest.raises(DatasetError, match=r"train.jsonl: no such file"):
+        datasets.load("pathvqa", "train", data_dir / "pathvqa-sample")
+    # A file whose name says no split is taken as the split asked for.
+    rows = [{"qid": 1, "image": "a.jpg", "question": "Is it?", "answer": "yes"}]
+    (tmp_path / "pvqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.question_id for r in datasets.load("pathvqa", "train", tmp_path / "pvqa.jsonl")] == ["1"]
+
+
+def test_a_missing_default_root_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVAMED_SHARED_DATA", str(tmp_path))
+    root, variable = re.escape(str(tmp_path.resolve())), re.escape(str(tmp_path))
+    with pytest.raises(DatasetError, match=rf"{root}/slake: .*LLAVAMED_SHARED_DATA={variable}.*--root"):
+        datasets.load("slake", "test")
+    monkeypatch.delenv("LLAVAMED_SHARED_DATA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=r"LLAVAMED_SHARED_DATA is not set, so ../shared/data"):
+        datasets.load("vqa-rad", "test")
+
+
+def test_a_question_file_with_a_repeated_id_is_refused(tmp_path, data_dir):
+    records = datasets.vqa_rad(data_dir / "vqa-rad", "test")[:3]
+    path = datasets.write_jsonl([*records, records[1]], tmp_path / "q.jsonl")
+    with pytest.raises(
+        DatasetError, match=rf"q.jsonl: line 4: question_id '{records[1].question_id}' appears twice"
+    ):
+        datasets.read_records(path)
 
 
 def test_errors_name_the_file_and_record(tmp_path, data_dir):
@@ -149,6 +187,8 @@ def test_from_hub_reads_a_saved_copy(tmp_path, data_dir):
         (r.question_id, r.answer) for r in records
     ]
     assert (tmp_path / "pathvqa_images" / "test_000003.png").is_file()
+    with pytest.raises(DatasetError, match=r"copy: no split 'train'; this copy has 'test'"):
+        datasets.from_hub(str(tmp_path / "copy"), "train", tmp_path / "images")
 
 
 def test_the_vqa_finetune_stage_trains_on_llava_meds_1797_questions(tmp_path, data_dir):

@@ -175,6 +175,43 @@ def test_join_names_missing_duplicate_and_extra_ids():
     ]
 
 
+def test_join_names_the_file_and_line_of_a_bad_record_and_blames_repeated_references():
+    refs = rows(
+        {"question_id": "1", "answer": "yes", "answer_type": "CLOSED"},
+        {"question_id": "2", "answer": "lung", "answer_type": "OPEN"},
+    )
+    with pytest.raises(ScoringError, match=r"file: line 2: prediction '2' has no 'text' string"):
+        join(rows({"question_id": "1", "text": "yes"}, {"question_id": "2", "text": None}), refs)
+    with pytest.raises(ScoringError, match=r"file: line 1: reference '1' has no 'answer'"):
+        join(rows({"question_id": "1", "text": "yes"}), rows({"question_id": "1", "answer_type": "OPEN"}))
+    # A question file with a repeated id got that question answered twice: the question file is at fault.
+    twice = rows(
+        {"question_id": "1", "answer": "yes", "answer_type": "CLOSED"},
+        {"question_id": "2", "answer": "lung", "answer_type": "OPEN"},
+        {"question_id": "1", "answer": "yes", "answer_type": "CLOSED"},
+    )
+    answered_twice = rows(
+        {"question_id": "1", "text": "a"},
+        {"question_id": "2", "text": "b"},
+        {"question_id": "1", "text": "a"},
+    )
+    with pytest.raises(ScoringError, match=r"file: line 3: question_id '1' appears twice in the references"):
+        join(answered_twice, twice)
+    with pytest.raises(ScoringError, match="the references hold no questions"):
+        join(rows({"question_id": "1", "text": "yes"}), [])
+
+
+def test_score_command_refuses_an_empty_reference_file(tmp_path, capsys):
+    from llavamed_fast.cli import main
+
+    preds, refs = tmp_path / "preds.jsonl", tmp_path / "refs.jsonl"
+    refs.write_text("\n")
+    preds.write_text('{"question_id": "1", "text": "yes"}\n')
+    assert main(["eval", "score", "--predictions", str(preds), "--references", str(refs)]) == 2
+    assert f"{refs}: no reference questions" in capsys.readouterr().err
+    assert not list(tmp_path.glob("preds.jsonl.scores*"))
+
+
 def test_answer_type_with_trailing_space_is_closed():
     pairs = join(
         rows({"question_id": 1, "text": "yes"}),
