@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -23,7 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from llavamed_fast.data.templates import IMAGE_TOKEN, ConversationError, Message
 from llavamed_fast.serve.engine import Delta, Engine, Failed, Finished, RequestError, SamplingParams
@@ -33,6 +37,10 @@ DISCLAIMER = (
     "Research use only: not a medical device, not for diagnosis or treatment. Answers can be wrong; a "
     "qualified professional must check anything that matters."
 )
+
+# What a content part looks like, for the errors about one that is not.
+PART_SHAPES = '{"type": "text", "text": "..."} or {"type": "image_url", "image_url": {"url": "..."}}'
+INT64 = 2**63
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,8 @@ class ChatRequest(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    # torch generators take 64 bits; OpenAI documents the same signed range.
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
     n: int = Field(default=1, ge=1, le=1)
 
 
@@ -108,8 +117,115 @@ def _error(
     )
 
 
-def _field(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p not in ("body",)) or "body"
+class _BodyTooLarge(Exception):
+    """Raised into the app by ``_BodyLimit``'s receive, to stop whatever is reading the body."""
+
+
+class _BodyLimit:
+    """A 413 for a request body over ``max_bytes``, counted as it arrives.
+
+    A declared Content-Length over the limit is refused before a byte is read. A chunked body declares no
+    length, so the bytes are counted as the app receives them: past the limit the read fails, so nothing
+    holds more than the limit, and whatever the app made of the failed read (FastAPI answers 400 "error
+    parsing the body") is replaced by the 413. The rest of the body is then discarded by the HTTP server as
+    it arrives, never buffered.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = _error(413, f"the request body is larger than {self.max_bytes} bytes")
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await too_large(scope, receive, send)
+            return
+        received = 0
+        exceeded = started = False
+
+        async def counted() -> ASGIMessage:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def sent(message: ASGIMessage) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to the failed read; the 413 goes instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sent)
+        except _BodyTooLarge:
+            if started:
+                raise
+        if exceeded and not started:
+            await too_large(scope, receive, send)
+
+
+def _explain(errors: Sequence[dict[str, Any]], body: Any) -> tuple[str, str]:
+    """The first validation error as (where, what): its place in the request (``messages.1.content.0``)
+    and what is wrong there, in plain words.
+
+    Pydantic reports a union (``content``: a string or a list of parts; ``stop``) once per branch and puts
+    the branch's label in the place (``content.str``, ``content.list[tagged-union[...]]``, a part's tag). The
+    labels are not places in the request, so they are dropped; of the branches' errors at the first error's
+    place, the one that got furthest into what was sent is the one that says what is wrong.
+    """
+    located = [(_place(e.get("loc", ()), body, e.get("type") == "missing"), e) for e in errors]
+    if not located:
+        return "body", "invalid request"
+    first = located[0][0]
+    same = [(p, e) for p, e in located if p[: len(first)] == first]
+    deepest = max(len(p) for p, _ in same)
+    path, chosen = next((p, e) for p, e in same if len(p) == deepest)
+    where = ".".join(str(step) for step in path) or "body"
+    kinds = {e["type"] for p, e in same if len(p) == deepest}
+    if {"string_type", "list_type"} <= kinds:  # neither branch of `str | list[...]` took it
+        shape = f"a list of parts, each {PART_SHAPES}" if path[-1:] == ["content"] else "a list of strings"
+        return where, f"must be a string or {shape}"
+    ctx = chosen.get("ctx") or {}
+    kind = chosen["type"]
+    if kind == "union_tag_invalid":
+        return where, f"unknown part type {ctx.get('tag')!r}; a part is {PART_SHAPES}"
+    if kind == "union_tag_not_found":
+        return where, f'the part has no "type"; a part is {PART_SHAPES}'
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return where, "must be a JSON object" + (f": {PART_SHAPES}" if _is_part(path) else "")
+    if kind == "missing":
+        return where, "is required"
+    return where, str(chosen.get("msg", "invalid"))
+
+
+def _place(loc: Sequence[Any], body: Any, missing: bool) -> list[Any]:
+    """The steps of ``loc`` that exist in ``body`` (FastAPI's leading "body" and union labels dropped); a
+    missing field keeps its own name, the one step that is not there."""
+    steps = list(loc)[1:] if tuple(loc[:1]) == ("body",) else list(loc)
+    path: list[Any] = []
+    node = body
+    for number, step in enumerate(steps):
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            path.append(step)
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            path.append(step)
+            node = node[step]
+        elif missing and number == len(steps) - 1:
+            path.append(step)
+    return path
+
+
+def _is_part(path: list[Any]) -> bool:
+    return len(path) == 4 and path[0] == "messages" and path[2] == "content"
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -129,10 +245,7 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        # Body size first (before anything reads it), then the key for the API routes.
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
-            return _error(413, f"the request body is larger than {limits.max_body_bytes} bytes")
+        # The key for the API routes (the body size is _BodyLimit's, outside this).
         if request.url.path.startswith("/v1/") and api_key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -141,6 +254,9 @@ def create_app(
                 )
         return await call_next(request)
 
+    # Added last, so outermost: the size is checked before the key and before anything reads the body.
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
@@ -148,8 +264,8 @@ def create_app(
             return _error(
                 400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"
             )
-        where = _field(tuple(first.get("loc", ())))
-        return _error(400, f"{where}: {first.get('msg')}", param=where)
+        where, what = _explain(error.errors(), error.body)
+        return _error(400, f"{where}: {what}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:

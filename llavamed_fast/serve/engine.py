@@ -62,6 +62,9 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            # torch.Generator.manual_seed would fail later with "Overflow when unpacking long long".
+            raise RequestError(f"seed must be a 64-bit signed integer, got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import socket
 import threading
+from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -154,7 +158,9 @@ def test_models_health_and_the_page(served, client):
     assert page.status_code == 200 and "Research use only" in page.text and "tiny-test" in page.text
 
 
-def post(server, body, *, key=KEY, raw: bytes | None = None, headers=None) -> httpx.Response:
+def post(
+    server, body, *, key=KEY, raw: bytes | Iterator[bytes] | None = None, headers=None
+) -> httpx.Response:
     all_headers = {"Authorization": f"Bearer {key}"} if key else {}
     all_headers.update(headers or {})
     if raw is not None:
@@ -242,6 +248,102 @@ def test_bad_requests_get_a_4xx_that_says_what_is_wrong(served, vqa_rad_images):
         assert "Traceback" not in response.text
     # The server keeps serving.
     assert post(server, good).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_gets_413_as_soon_as_it_passes_the_limit(served):
+    server, _ = served
+    limit = 3 * 2**20
+    # A chunked body declares no length. Sent whole (by httpx, 8 MB of text), it gets the 413 a declared
+    # length would get, not an answer about its content.
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        yield b'{"messages": [{"role": "user", "content": "'
+        while sent < 8 * 2**20:
+            sent += 2**16
+            yield b"x" * 2**16
+        yield b'"}], "max_tokens": 1}'
+
+    response = post(server, None, raw=chunks())  # httpx streams a generator as Transfer-Encoding: chunked
+    assert response.request.headers["transfer-encoding"] == "chunked" and sent == 8 * 2**20
+    assert response.status_code == 413, response.text[:300]
+    assert response.json()["error"]["message"] == f"the request body is larger than {limit} bytes"
+    # A body that never ends: 4 MB, then nothing more and no last chunk. The server must answer once the
+    # limit is passed, not wait for the rest (which never comes) to read it all.
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        piece = b"x" * 2**16
+        for _ in range(64):
+            connection.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        status, body = _read_response(connection)
+    assert status == 413 and json.loads(body)["error"]["message"].startswith("the request body is larger")
+    assert post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).status_code == 200
+
+
+def _read_response(connection: socket.socket) -> tuple[int, bytes]:
+    """The status and body of one HTTP/1.1 response with a Content-Length (a socket.timeout if none comes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = connection.recv(65536)
+        assert more, "the server closed the connection without a response"
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return int(lines[0].split()[1]), body[:length]
+
+
+def test_malformed_parts_and_seeds_say_where_and_what_in_plain_words(served, client):
+    server, _ = served
+    hello = {"role": "user", "content": "hello"}
+    reply = {"role": "assistant", "content": "hi"}
+
+    def turn(*parts) -> dict:
+        return {
+            "messages": [hello, reply, {"role": "user", "content": [{"type": "text", "text": "?"}, *parts]}]
+        }
+
+    cases = [
+        (turn({"type": "audio", "audio": "..."}), "messages.2.content.1", "unknown part type 'audio'"),
+        (turn({"text": "no type"}), "messages.2.content.1", 'has no "type"'),
+        (turn("just a string"), "messages.2.content.1", "must be a JSON object"),
+        (turn({"type": "text"}), "messages.2.content.1.text", "is required"),
+        (turn({"type": "text", "text": 3}), "messages.2.content.1.text", "valid string"),
+        (turn({"type": "image_url", "image_url": {}}), "messages.2.content.1.image_url.url", "is required"),
+        (turn({"type": "image_url", "image_url": "data:,"}), "messages.2.content.1.image_url", "JSON object"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "a string or a list of parts"),
+        ({"messages": [hello], "stop": 5}, "stop", "a string or a list of strings"),
+        ({"messages": [hello], "seed": 2**64}, "seed", "less than or equal to 9223372036854775807"),
+        (
+            {"messages": [hello], "seed": -(2**63) - 1},
+            "seed",
+            "greater than or equal to -9223372036854775808",
+        ),
+    ]
+    for number, (body, param, words) in enumerate(cases):
+        response = post(server, body)
+        assert response.status_code == 400, (number, response.text[:300])
+        error = response.json()["error"]
+        assert error["param"] == param, (number, error)
+        assert error["message"].startswith(f"{param}: ") and words in error["message"], (number, error)
+        # No pydantic internals: union branches ("content.str", "list[tagged-union[...]]") or tags.
+        assert not any(noise in error["message"] for noise in (".str", "tagged-union", "list[")), error
+    # The SDK sees the parameter by name; the extremes of the range are seeds like any other.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny-test", messages=[hello], max_tokens=1, seed=2**63)
+    assert refused.value.param == "seed"
+    for seed in (2**63 - 1, -(2**63)):
+        done = client.chat.completions.create(
+            model="tiny-test", messages=[hello], max_tokens=2, temperature=1.0, seed=seed
+        )
+        assert done.choices[0].finish_reason in ("stop", "length")
 
 
 def _with_url(url: str) -> dict:

@@ -197,6 +197,8 @@ def test_cancel_and_bad_requests(vqa_rad_images):
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ("",)}, "stop strings"),
+        ({"seed": 2**64}, "seed must be a 64-bit"),  # torch would fail later, naming no parameter
+        ({"seed": -(2**63) - 1}, "seed must be a 64-bit"),
     ):
         with pytest.raises(RequestError, match=message):
             SamplingParams(**bad)
