@@ -134,5 +134,12 @@ for _name, _kernel in (("rms_norm", "TritonRmsNorm"), ("swiglu", "TritonSwiglu")
 REGISTRY.register("packing", Implementation("torch", frozenset({"cpu"}), lambda: _reference_packing))
 REGISTRY.register(
     "packing",
-    Implementation("cuda", frozenset({"cpu"}), _extension_packing, unavailable=_extension_unavailable),
+    Implementation(
+        "cuda",
+        frozenset({"cpu"}),
+        _extension_packing,
+        unavailable=_extension_unavailable,
+        # "cuda" names the compiled extension; the packer in it is plain C++, so say so (it needs no GPU).
+        runs_as="the extension's C++ packer, on the CPU",
+    ),
 )

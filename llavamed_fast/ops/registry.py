@@ -43,12 +43,15 @@ class Implementation:
     ``devices`` lists the tensor device types it accepts. ``unavailable`` returns ``None`` when the
     implementation can run in this process, else the reason it cannot (a missing package, a build
     without CUDA, ...); it is called lazily so that importing the registry imports no optional package.
+    ``runs_as`` says what actually runs where the backend's name alone would mislead (the ``cuda``
+    backend's packer is C++ on the host); :meth:`OpRegistry.describe` shows it.
     """
 
     backend: str
     devices: frozenset[str]
     load: Callable[[], Callable]
     unavailable: Callable[[], str | None] = field(default=lambda: None)
+    runs_as: str | None = None
 
 
 @dataclass
@@ -102,15 +105,19 @@ class OpRegistry:
         return None
 
     def describe(self, device_type: str) -> dict[str, str]:
-        """``{op: backend}`` for tensors of ``device_type``, or ``{op: "error: ..."}`` where none can run."""
+        """``{op: backend}`` for tensors of ``device_type`` (``"backend (what runs)"`` where the
+        implementation says), or ``{op: "error: ..."}`` where none can run."""
         table = {}
         for name, op in self._ops.items():
             if device_type not in op.preference and self.requested(name) is None:
                 continue
             try:
-                table[name] = self.resolve(name, device_type)
+                backend = self.resolve(name, device_type)
             except BackendUnavailableError as error:
                 table[name] = f"error: {error}"
+                continue
+            runs_as = op.implementations[backend].runs_as
+            table[name] = f"{backend} ({runs_as})" if runs_as else backend
         return table
 
     def resolve(self, name: str, device_type: str) -> str:

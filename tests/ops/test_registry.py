@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,6 +24,20 @@ def test_default_on_cpu_is_the_reference_and_packing_uses_the_extension():
     assert ops.backend_for("varlen_attention", "cpu") == "torch"
     assert ops.backend_for("linear_cross_entropy", "cpu") == "torch"
     assert ops.backend_for("packing", "cpu") == "cuda"  # the compiled C++ packer
+
+
+def test_backends_command_says_the_packer_is_cpp_on_the_cpu():
+    # "packing": "cuda" alone read as a GPU op on a machine without one; the packer is the extension's C++.
+    out = subprocess.run(
+        [sys.executable, "-m", "llavamed_fast", "backends", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    table = json.loads(out)
+    assert table["packing"] == "cuda (the extension's C++ packer, on the CPU)"
+    assert table["varlen_attention"] == "torch"  # no note where the name says it all
+    assert ops.backend_for("packing", "cpu") == "cuda"  # the backend's name, for selection, is unchanged
 
 
 def test_global_backend_skips_ops_without_that_implementation(monkeypatch):
