@@ -151,25 +151,32 @@ def test_dry_run_sends_nothing(tmp_path, key, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def _slow_instruct_run(tmp_path, server, count: int, replies_before: int, **popen):
+    """A `curate instruct` child over ``count`` slow figures, returned once ``replies_before`` replies are
+    in its ledger: (child, command, env, out, ledger)."""
+    server.script = {f"f{i}": ["slow"] for i in range(count)}
+    source, out = _input(tmp_path, figures(count)), tmp_path / "conversations.jsonl"
+    ledger = default_ledger(out)
+    command = [
+        sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source), "--out", str(out),
+        "--base-url", server.base_url, "--model", "teacher-test", "--concurrency", "2", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    child = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+        not ledger.exists() or len(ledger.read_text().splitlines()) < replies_before
+    ):
+        time.sleep(0.05)
+    return child, command, env, out, ledger
+
+
 def test_sigkill_half_way_then_rerun_pays_for_nothing_twice(tmp_path):
     with FakeTeacher(slow_seconds=0.15) as server:
         count = 24
-        server.script = {f"f{i}": ["slow"] for i in range(count)}
-        source, out = _input(tmp_path, figures(count)), tmp_path / "conversations.jsonl"
-        ledger = default_ledger(out)
-        command = [
-            sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source), "--out", str(out),
-            "--base-url", server.base_url, "--model", "teacher-test", "--concurrency", "2", "--no-progress",
-        ]  # fmt: skip
-        env = {**os.environ, "OPENAI_API_KEY": API_KEY}
-        child = subprocess.Popen(
-            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-            not ledger.exists() or len(ledger.read_text().splitlines()) < 6
-        ):
-            time.sleep(0.05)
+        child, command, env, out, ledger = _slow_instruct_run(tmp_path, server, count, 6)
         child.send_signal(signal.SIGKILL)
         child.wait()
         recorded = len(ledger.read_text().splitlines())
@@ -407,20 +414,7 @@ def test_a_resumed_run_keeps_the_cost_of_the_whole_set(tmp_path, key):
 def test_ctrl_c_says_where_the_replies_are_and_exits_130(tmp_path):
     with FakeTeacher(slow_seconds=0.2) as server:
         count = 20
-        server.script = {f"f{i}": ["slow"] for i in range(count)}
-        source, out = _input(tmp_path, figures(count)), tmp_path / "conversations.jsonl"
-        ledger = default_ledger(out)
-        command = [
-            sys.executable, "-m", "llavamed_fast.cli", "curate", "instruct", "--input", str(source), "--out", str(out),
-            "--base-url", server.base_url, "--model", "teacher-test", "--concurrency", "2", "--no-progress",
-        ]  # fmt: skip
-        env = {**os.environ, "OPENAI_API_KEY": API_KEY}
-        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-            not ledger.exists() or len(ledger.read_text().splitlines()) < 3
-        ):
-            time.sleep(0.05)
+        child, command, env, _out, ledger = _slow_instruct_run(tmp_path, server, count, 3, text=True)
         child.send_signal(signal.SIGINT)
         stdout, stderr = child.communicate(timeout=60)
         saved = len(ledger.read_text().splitlines())
@@ -429,7 +423,7 @@ def test_ctrl_c_says_where_the_replies_are_and_exits_130(tmp_path):
             f"curate instruct: interrupted; {saved} replies are saved in {ledger}, "
             "run the same command again to continue\n"
         )
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.splitlines()[-1])["from_ledger"] == saved
 
