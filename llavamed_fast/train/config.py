@@ -3,7 +3,11 @@
 A recipe (``recipes.py``) returns a full :class:`RunConfig`; the command line overrides single fields with
 ``--set path=value`` (``seed=1``, ``stages.1.lr=1e-4``, ``stages.instruct.epochs=1``,
 ``stages.*.zero_stage=2``). The resolved config is saved as ``config.json`` in the run directory, and a
-resumed run must match it.
+resumed run must match it except in the fields of :data:`RESUMABLE_RUN_FIELDS` and
+:data:`RESUMABLE_STAGE_FIELDS`, which change neither the data plan nor what a checkpoint holds.
+
+Every field is checked on construction; an error names the field by its ``--set`` path
+(``stages.instruct.lora.r: must be a positive integer, got 0``).
 """
 
 from __future__ import annotations
@@ -11,11 +15,29 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A field with a value it cannot take; ``key`` is the field's dotted path (relative to the dataclass
+    that raised it until :func:`_build` prefixes where that dataclass sits in the run's config)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def _require(ok: bool, key: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"must be {requirement}, got {value!r}")
+
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 class Trainable(str, enum.Enum):
@@ -53,15 +75,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         self.kind = DataKind(self.kind)
         if self.kind is DataKind.LLAVA_JSON and not self.path:
-            raise ValueError("data.path is required for llava_json data")
-        if self.kind is DataKind.SYNTHETIC and self.synthetic_count <= 0:
-            raise ValueError("data.synthetic_count must be positive for synthetic data")
-        if self.synthetic_task not in ("captions", "conversations", "side_questions"):
-            raise ValueError(
-                f"data.synthetic_task must be captions, conversations or side_questions, got {self.synthetic_task!r}"
-            )
-        if self.bad_images not in ("raise", "skip"):
-            raise ValueError(f"data.bad_images must be 'raise' or 'skip', got {self.bad_images!r}")
+            raise ConfigError("path", "is required for llava_json data")
+        count, synthetic = self.synthetic_count, self.kind is DataKind.SYNTHETIC
+        _require(count > 0 or (count == 0 and not synthetic), "synthetic_count", "positive", count)
+        _require(self.synthetic_seed >= 0, "synthetic_seed", ">= 0", self.synthetic_seed)
+        _require(self.max_samples >= 0, "max_samples", ">= 0 (0: all)", self.max_samples)
+        tasks = ("captions", "conversations", "side_questions")
+        _require(self.synthetic_task in tasks, "synthetic_task", " or ".join(tasks), self.synthetic_task)
+        _require(self.bad_images in ("raise", "skip"), "bad_images", "raise or skip", self.bad_images)
 
 
 @dataclass
@@ -78,6 +99,12 @@ class LoraConfig:
         "up_proj",
         "down_proj",
     )
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "r", "a positive integer", self.r)
+        _require(self.alpha > 0, "alpha", "a positive integer", self.alpha)
+        _require(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _require(len(self.target_modules) > 0, "target_modules", "a non-empty list", self.target_modules)
 
 
 @dataclass
@@ -106,20 +133,26 @@ class StageConfig:
         self.trainable = tuple(Trainable(t) for t in self.trainable)
         self.schedule = Schedule(self.schedule)
         if not self.trainable:
-            raise ValueError(f"stage {self.name!r} trains nothing")
+            raise ConfigError("trainable", "the stage trains nothing")
         if self.lora is not None and Trainable.LLM not in self.trainable:
-            raise ValueError(f"stage {self.name!r}: LoRA adapts the LLM, so it needs 'llm' in trainable")
-        checks = [
-            (self.lr > 0, "lr must be positive"),
-            (self.global_batch_size > 0, "global_batch_size must be positive"),
-            (self.micro_batch_tokens > 0, "micro_batch_tokens must be positive"),
-            (self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be positive"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.zero_stage in (0, 2, 3), "zero_stage must be 0, 2 or 3"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"stage {self.name!r}: {message}")
+            raise ConfigError("lora", "LoRA adapts the LLM, so the stage needs 'llm' in trainable")
+        _require(self.lr > 0, "lr", "a positive number", self.lr)
+        _require(
+            self.global_batch_size > 0, "global_batch_size", "a positive integer", self.global_batch_size
+        )
+        _require(
+            self.micro_batch_tokens > 0, "micro_batch_tokens", "a positive integer", self.micro_batch_tokens
+        )
+        # Epochs are planned first and max_steps cuts them short, so a stage needs epochs either way.
+        _require(self.epochs > 0, "epochs", "a positive number", self.epochs)
+        _require(self.max_steps >= 0, "max_steps", ">= 0 (0: as many as the epochs give)", self.max_steps)
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "in [0, 1)", self.adam_betas)
+        _require(self.adam_eps > 0, "adam_eps", "a positive number", self.adam_eps)
+        # Both engines clip to it; the plain one would zero (0) or flip (< 0) the gradients.
+        _require(self.max_grad_norm > 0, "max_grad_norm", "a positive number", self.max_grad_norm)
+        _require(self.zero_stage in (0, 2, 3), "zero_stage", "0, 2 or 3", self.zero_stage)
 
 
 @dataclass
@@ -148,15 +181,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
         if not names:
-            raise ValueError(f"recipe {self.recipe!r} has no stages")
+            raise ConfigError("stages", f"recipe {self.recipe!r} has no stages")
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.rows_multiple < 0:
-            raise ValueError("rows_multiple must be >= 0")
-        if self.checkpoint_every <= 0 or self.keep_last <= 0 or self.nan_limit <= 0:
-            raise ValueError("checkpoint_every, keep_last and nan_limit must be positive")
+            raise ConfigError("stages", f"stage names must be unique, got {names}")
+        _require(self.dtype in DTYPE_NAMES, "dtype", " or ".join(DTYPE_NAMES), self.dtype)
+        _require(self.seed >= 0, "seed", ">= 0", self.seed)
+        for key in ("checkpoint_every", "keep_last", "log_every", "nan_limit"):
+            _require(getattr(self, key) > 0, key, "a positive integer", getattr(self, key))
+        _require(self.peak_tflops >= 0, "peak_tflops", ">= 0 (0: looked up)", self.peak_tflops)
+        _require(self.num_workers >= 0, "num_workers", ">= 0 (0: no worker processes)", self.num_workers)
+        _require(
+            self.rows_multiple >= 0, "rows_multiple", ">= 0 (0: the number of processes)", self.rows_multiple
+        )
+        _require(all(s > 0 for s in self.inject_nan_at), "inject_nan_at", "steps >= 1", self.inject_nan_at)
 
     def stage_index(self, name: str) -> int:
         for index, stage in enumerate(self.stages):
@@ -172,7 +209,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
-        return _build(cls, data, "config")
+        return _build(cls, data, "")
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -185,16 +222,32 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Construct dataclass ``cls`` from plain data, checking field names and types."""
+    """Construct dataclass ``cls`` from plain data, checking field names and types; ``where`` is its dotted
+    path in the run's config ("" for the root), which prefixes every error."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+        raise ValueError(f"{where or 'config'}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
-    return cls(**{name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()})
+        raise ValueError(f"{where or 'config'}: unknown fields {sorted(unknown)}")
+    values = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(_join(where, error.key), error.problem) from None
+
+
+def _element(where: str, index: int, value: Any) -> str:
+    """A list element's path: stages by name (as ``--set`` addresses them), anything else by index."""
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        return _join(where, value["name"])
+    return f"{where}[{index}]"
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -211,7 +264,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(args[0], v, _element(where, i, v)) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
@@ -220,13 +273,66 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return hint(value)
         except ValueError as error:
             raise ValueError(f"{where}: {value!r} is not one of {[m.value for m in hint]}") from error
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float:
+        # --set parses values as JSON: "abc" stays a string, true a bool, Infinity and NaN floats.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ValueError(f"{where}: expected true/false, got {value!r}")
     if (hint in (int, str) and not isinstance(value, hint)) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a resumed run may change
+
+# Fields that ``--resume`` accepts changed: they decide neither which samples make each step nor what a
+# checkpoint holds, so the steps already done stay valid. A stage's new ``lr`` is the schedule's peak from
+# the resumed step on (the schedule keeps its position); the others take effect at once.
+RESUMABLE_RUN_FIELDS = frozenset(
+    {
+        "checkpoint_every",
+        "keep_last",
+        "log_every",
+        "nan_limit",
+        "num_workers",
+        "peak_tflops",
+        "plots",
+        "tensorboard",
+    }
+)
+RESUMABLE_STAGE_FIELDS = frozenset({"lr", "max_grad_norm"})
+
+
+def config_changes(saved: Mapping[str, Any], config: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(path, saved value, new value)`` for each field where ``config`` differs from ``saved`` (a run's
+    ``config.json``), paths as ``--set`` writes them (stages by name)."""
+    changes: list[tuple[str, Any, Any]] = []
+
+    def walk(old: Any, new: Any, path: str) -> None:
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            for key in sorted(set(old) | set(new)):
+                walk(old.get(key), new.get(key), _join(path, key))
+        elif path == "stages" and [s.get("name") for s in old] == [s.get("name") for s in new]:
+            for a, b in zip(old, new, strict=True):
+                walk(a, b, _join(path, a["name"]))
+        elif old != new:
+            changes.append((path, old, new))
+
+    walk(saved, config.to_dict(), "")
+    return changes
+
+
+def resumable(path: str) -> bool:
+    """Whether a resumed run may change the field at ``path`` (see :data:`RESUMABLE_RUN_FIELDS`)."""
+    keys = path.split(".")
+    if len(keys) == 1:
+        return keys[0] in RESUMABLE_RUN_FIELDS
+    return len(keys) == 3 and keys[0] == "stages" and keys[2] in RESUMABLE_STAGE_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +389,9 @@ def _assign(node: Any, keys: list[str], value: Any, override: str, *, new: bool 
 
 
 __all__ = [
+    "RESUMABLE_RUN_FIELDS",
+    "RESUMABLE_STAGE_FIELDS",
+    "ConfigError",
     "DataConfig",
     "DataKind",
     "LoraConfig",
@@ -291,4 +400,6 @@ __all__ = [
     "StageConfig",
     "Trainable",
     "apply_overrides",
+    "config_changes",
+    "resumable",
 ]
