@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -135,7 +135,10 @@ def save_pretrained(
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Not tempfile.mkdtemp: its directories are 0700, and the staging directory becomes the checkpoint.
+    # mkdir gives the permissions any new directory gets (0777 less the umask).
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
     try:
         state = {name: tensor.cpu() for name, tensor in hf_state_dict(model).items()}
         split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
@@ -155,7 +158,11 @@ def save_pretrained(
         processor.save_pretrained(staging)
         ours = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
         (staging / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+        # safetensors writes its files 0600; give every file the mode a new file gets here (0666 less the
+        # umask, read off the staging directory's 0777 less the umask), so others can read the export.
+        mode = staging.stat().st_mode & 0o666
         for path in staging.iterdir():
+            os.chmod(path, mode)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if target.exists():

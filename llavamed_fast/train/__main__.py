@@ -58,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as stopped:
         print(f"error: {stopped}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        # Nothing is saved on an interrupt: the newest complete checkpoint is where --resume continues.
+        print(
+            f"interrupted; continue from the last checkpoint with --resume --out {args.out}", file=sys.stderr
+        )
+        return 130
+    except (OSError, ValueError, KeyError) as error:
+        # Bad input (a data path, a record, an image, the run directory): the message names the file or
+        # record, and a traceback would only bury it.
+        print(
+            f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}",
+            file=sys.stderr,
+        )
+        return 1
     print(f"model: {model}")
     return 0
 

@@ -1,10 +1,11 @@
 """Training checkpoints that resume exactly, written atomically.
 
 ``<run>/checkpoints/<name>/`` holds ``model.safetensors`` (every weight, our module names),
-``trainer_state.json`` (stage, steps done, skip counters), the engine's optimizer and schedule state,
-``rng-<rank>.pt`` (each rank's random state) and, written last, ``COMPLETE``. A checkpoint is assembled
-in a hidden temporary directory, fsynced, then renamed into place; a directory without ``COMPLETE`` is
-never read, so a run killed while saving resumes from the previous one. Step checkpoints
+``trainer_state.json`` (stage, steps done, skip counters, the number of processes that wrote it), the
+engine's optimizer and schedule state, ``rng-<rank>.pt`` (each rank's random state) and, written last,
+``COMPLETE``. A checkpoint is assembled in a hidden temporary directory, fsynced, then renamed into place;
+a directory without ``COMPLETE`` is never read, so a run killed while saving resumes from the previous one.
+A checkpoint resumes only with the number of processes that wrote it. Step checkpoints
 (``step-<global step>``) are pruned to the last ``keep_last``; stage-end checkpoints (``stage-<i>-<name>``)
 are kept.
 """
@@ -15,7 +16,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ class TrainerState:
     stage_done: bool = False  # the stage at stage_index finished (its end checkpoint)
     consecutive_skips: int = 0
     skipped_steps: int = 0
+    # The current stage's samples left out for bad images so far ([record, path, reason], all ranks), so
+    # that the stage's end reports them after a resume too.
+    skipped_samples: list[list[str]] = field(default_factory=list)
 
 
 def _fsync(path: Path) -> None:
@@ -80,7 +84,7 @@ def save(
     if dist.is_main:
         weights, aliases = _unique(model_state)
         save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
-        record = {**asdict(state), "aliases": aliases}
+        record = {**asdict(state), "world_size": dist.world_size, "aliases": aliases}
         (staging / "trainer_state.json").write_text(json.dumps(record, indent=2) + "\n")
     if engine is not None:
         engine.save(staging)
@@ -90,8 +94,10 @@ def save(
     torch.save(rng, staging / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.is_main:
+        mode = staging.stat().st_mode & 0o666  # safetensors writes 0600: the usual mode, as for the export
         for path in staging.rglob("*"):
             if path.is_file():
+                os.chmod(path, mode)
                 _fsync(path)
         with open(staging / MARKER, "w") as handle:
             handle.write(f"{state.global_step}\n")
@@ -126,7 +132,38 @@ def latest(run_dir: Path) -> Path | None:
 def read_state(path: Path) -> TrainerState:
     record = json.loads((path / "trainer_state.json").read_text())
     record.pop("aliases", None)
+    record.pop("world_size", None)
     return TrainerState(**record)
+
+
+def saved_world_size(path: Path) -> int:
+    """How many processes wrote checkpoint ``path``."""
+    record = json.loads((path / "trainer_state.json").read_text())
+    if "world_size" in record:
+        return record["world_size"]
+    return len(list(path.glob("rng-*.pt")))  # checkpoints from before the field: one RNG file per rank
+
+
+def check_world_size(path: Path, dist: Dist, *, plan_follows_world_size: bool) -> None:
+    """Refuse to resume checkpoint ``path`` with another number of processes than wrote it: each rank's
+    RNG state and ZeRO optimizer partition are saved per rank, and with ``rows_multiple=0`` the steps'
+    composition follows the number of processes."""
+    saved = saved_world_size(path)
+    if saved == dist.world_size:
+        return
+    changes = ["each process's random state (dropout) and ZeRO optimizer partition are saved per process"]
+    if plan_follows_world_size:
+        changes.insert(
+            0,
+            "rows per step are a multiple of the number of processes (rows_multiple=0), so the remaining "
+            "steps would hold other samples and their number would change",
+        )
+    raise ValueError(
+        f"{path} was written by {saved} process(es) and this run has {dist.world_size}: resume it with "
+        f"{saved} (torchrun --nproc_per_node {saved}). Another number would change the run: "
+        + "; ".join(changes)
+        + "."
+    )
 
 
 def load_model(path: Path, model: torch.nn.Module) -> None:

@@ -62,7 +62,7 @@ import torch
 from llavamed_fast.model.llava_med import LlavaMedOutput
 from llavamed_fast.train.config import StageConfig
 from llavamed_fast.train.dist import Dist
-from llavamed_fast.train.engine import StepResult, lr_lambda, parameter_groups, warmup_steps
+from llavamed_fast.train.engine import StepResult, lr_lambda, parameter_groups, set_peak_lr, warmup_steps
 
 CONFIG_DIR = Path(__file__).with_name("deepspeed")
 CHECKPOINT_DIR, CHECKPOINT_TAG = "deepspeed", "state"
@@ -371,6 +371,7 @@ class DeepSpeedEngine:
                 "was this checkpoint written by a ZeRO stage with the same number of processes?"
             )
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        set_peak_lr(self.optimizer, self.scheduler, self.stage.lr)
 
     # -- weights -----------------------------------------------------------------------------------------
 

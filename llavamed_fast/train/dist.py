@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -38,6 +39,14 @@ class Dist:
         )
         torch_dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(values, value)
+        return values
 
 
 def init(*, timeout_minutes: int = 30) -> Dist:

@@ -47,6 +47,24 @@ def warmup_steps(stage: StageConfig, total_steps: int) -> int:
     return math.ceil(stage.warmup_ratio * total_steps)
 
 
+def set_peak_lr(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float
+) -> None:
+    """Make ``lr`` the schedule's peak from the current step on. Loading a checkpoint restores the peak it
+    was saved with (the optimizer's groups and the schedule's ``base_lrs``); a run resumed with another
+    ``lr`` (after a non-finite stop, say) must use the new one. Nothing changes when they are equal."""
+    state = scheduler.state_dict()
+    if state["base_lrs"] == [lr] * len(optimizer.param_groups):
+        return
+    factors = [factor(state["last_epoch"]) for factor in scheduler.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+    state["base_lrs"] = [lr] * len(optimizer.param_groups)
+    state["_last_lr"] = [group["lr"] for group in optimizer.param_groups]
+    scheduler.load_state_dict(state)
+
+
 def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on biases, norms or (1-D) scales, as transformers' Trainer does."""
     decay = [p for p in parameters if p.dim() >= 2]
@@ -141,6 +159,7 @@ class PlainEngine:
         state = torch.load(directory / "optimizer.pt", map_location=self.dist.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        set_peak_lr(self.optimizer, self.scheduler, self.stage.lr)
 
     def model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full model weights on the main rank (None elsewhere), for checkpoints."""

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from llavamed_fast.data.batch import PackedBatch
+from llavamed_fast.data.batch import PackedBatch, SkippedSample
 from llavamed_fast.data.dataset import SkipCounter
 from llavamed_fast.data.packing import collate
 from llavamed_fast.data.templates import IGNORE_INDEX
@@ -22,11 +25,19 @@ from llavamed_fast.train import checkpoint as ckpt
 from llavamed_fast.train import dist as dist_mod
 from llavamed_fast.train import features
 from llavamed_fast.train.batches import Step, plan_stage
-from llavamed_fast.train.config import RunConfig, StageConfig, Trainable
+from llavamed_fast.train.config import (
+    RESUMABLE_RUN_FIELDS,
+    RESUMABLE_STAGE_FIELDS,
+    RunConfig,
+    StageConfig,
+    Trainable,
+    config_changes,
+    resumable,
+)
 from llavamed_fast.train.data import stage_dataset
 from llavamed_fast.train.engine import PlainEngine
 from llavamed_fast.train.flops import batch_flops, peak_tflops
-from llavamed_fast.train.metrics import RunMetrics
+from llavamed_fast.train.metrics import METRICS_FILE, RunMetrics
 from llavamed_fast.train.trainable import StageParameters, apply_lora, merge_lora
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -57,7 +68,9 @@ def placeholder(pad_token_id: int) -> PackedBatch:
     )
 
 
-def steps_of(dataset, steps: Sequence[Step], dist, num_workers: int) -> Iterator[list[PackedBatch]]:
+def steps_of(
+    dataset, steps: Sequence[Step], dist, num_workers: int, seed: int
+) -> Iterator[list[PackedBatch]]:
     """This rank's micro-batches, step by step (rows are loaded and collated by a DataLoader)."""
     mine = [step.rows_for(dist.rank, dist.world_size) for step in steps]
     loader = torch.utils.data.DataLoader(
@@ -67,6 +80,10 @@ def steps_of(dataset, steps: Sequence[Step], dist, num_workers: int) -> Iterator
         num_workers=num_workers,
         pin_memory=dist.device.type == "cuda",
         persistent_workers=False,
+        # Its own generator: a DataLoader draws its workers' base seed when iterated, and from the global
+        # RNG that would be at a stage's start in one run and at the resumed step in a resumed one, which
+        # would shift every later draw (dropout) of the resumed run.
+        generator=torch.Generator().manual_seed(seed),
     )
     batches = iter(loader)
     for rows in mine:
@@ -87,9 +104,10 @@ class Trainer:
     ) -> None:
         self.config, self.run_dir, self.dist = config, run_dir, dist
         self.dtype = DTYPES[config.dtype] if dist.device.type == "cuda" else torch.float32
-        self._prepare_run_dir(resume)
+        self.changes = self._prepare_run_dir(resume)
         self.checkpoint = ckpt.latest(run_dir) if resume else None
         if self.checkpoint is not None:
+            ckpt.check_world_size(self.checkpoint, dist, plan_follows_world_size=config.rows_multiple == 0)
             self.state = ckpt.read_state(self.checkpoint)
         else:
             self.state = ckpt.TrainerState(stage_index=config.stage_index(start_stage) if start_stage else 0)
@@ -117,22 +135,61 @@ class Trainer:
             plots=config.plots,
             resume_step=self.state.global_step if self.checkpoint is not None else None,
         )
-        self.skips = SkipCounter()
+        if self.changes:
+            self.metrics.event(
+                "config_changed",
+                step=self.state.global_step,
+                changes={path: [old, new] for path, old, new in self.changes},
+            )
+        # The current stage's samples left out for bad images, by (record, image path): a bad image is
+        # reported once per stage however many epochs meet it.
+        self.skipped: dict[tuple[str, str], str] = {}
 
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool) -> list[tuple[str, object, object]]:
+        """Check the run directory against this run and (re)write its ``config.json``; returns the fields
+        a resumed run changes (only those :func:`resumable` accepts)."""
         saved = self.run_dir / "config.json"
+        changes: list[tuple[str, object, object]] = []
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if saved.exists():
+            if saved.exists() and ckpt.latest(self.run_dir) is None:
+                # An earlier start stopped before its first checkpoint (a bad data path, a missing image, a
+                # kill): nothing it trained survives, so this start begins afresh, with this config. Its
+                # metrics describe steps that are about to run again. Exported models are kept from that:
+                # a finished run whose checkpoints were deleted must not be trained over.
+                exported = [self.run_dir / "model", *sorted((self.run_dir / "stages").glob("*"))]
+                exported = [str(path.relative_to(self.run_dir)) for path in exported if path.is_dir()]
+                if exported:
+                    raise FileExistsError(
+                        f"{self.run_dir} holds exported models ({', '.join(exported)}) but no checkpoint to "
+                        "resume from; move them away or use another --out"
+                    )
+                print(
+                    f"note: {self.run_dir} holds a run that never wrote a checkpoint; starting it afresh "
+                    f"(its {METRICS_FILE} and tensorboard/ are replaced)",
+                    file=sys.stderr,
+                )
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+            elif saved.exists():
                 if not resume:
                     raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it")
-                if json.loads(saved.read_text()) != self.config.to_dict():
+                changes = config_changes(json.loads(saved.read_text()), self.config)
+                refused = [path for path, _, _ in changes if not resumable(path)]
+                if refused:
                     raise ValueError(
-                        f"{saved} differs from this run's config; a resumed run must use the same one"
+                        f"{saved} differs from this run's config in {', '.join(refused)}; a resumed run may "
+                        f"change only {', '.join(sorted(RESUMABLE_STAGE_FIELDS))} of a stage and the run's "
+                        f"{', '.join(sorted(RESUMABLE_RUN_FIELDS))} (to change anything else, start a new run "
+                        "in another --out)"
                     )
-            else:
-                saved.write_text(self.config.to_json())
+                for path, old, new in changes:
+                    print(f"note: resuming with {path} changed from {old!r} to {new!r}", file=sys.stderr)
+            temporary = saved.with_name(saved.name + ".tmp")
+            temporary.write_text(self.config.to_json())
+            os.replace(temporary, saved)
         self.dist.barrier()
+        return changes
 
     def fit(self) -> Path:
         for index in range(self.state.stage_index, len(self.config.stages)):
@@ -141,8 +198,12 @@ class Trainer:
             self._run_stage(index)
         final = self.run_dir / "model"
         if self.dist.is_main:
-            save_pretrained(self.model, self.processor, final, overwrite=True)
-            self.metrics.event("run_end", model=str(final), skipped_steps=self.state.skipped_steps)
+            # run_end is written after the export: with both there, the run was already finished.
+            if self.metrics.has_event("run_end") and (final / "config.json").exists():
+                print(f"note: {self.run_dir} is already finished; nothing to do", file=sys.stderr)
+            else:
+                save_pretrained(self.model, self.processor, final, overwrite=True)
+                self.metrics.event("run_end", model=str(final), skipped_steps=self.state.skipped_steps)
         self.metrics.close()
         self.dist.barrier()
         return final
@@ -156,6 +217,7 @@ class Trainer:
             self.state = ckpt.TrainerState(
                 stage_index=index, global_step=self.state.global_step, skipped_steps=self.state.skipped_steps
             )
+        self.skipped = {(record, path): reason for record, path, reason in self.state.skipped_samples}
         params = StageParameters(self.model, stage, self.processor)
         llm = self.model.language_model
         if stage.gradient_checkpointing:
@@ -181,12 +243,22 @@ class Trainer:
         self.metrics.start_stage(stage.name, len(plan), samples=len(dataset))
         self.model.train()
         trains = set(stage.trainable)
-        for batches in steps_of(dataset, plan[self.state.stage_step :], dist, config.num_workers):
+        remaining = plan[self.state.stage_step :]
+        for batches in steps_of(dataset, remaining, dist, config.num_workers, seed=config.seed + index):
             self._step(engine, stage, batches, trains, last=self.state.stage_step + 1 == len(plan))
         engine.close()  # the model holds the stage's full trained weights again
         params.close()
         merge_lora(self.model)
+        skipped = self._gather_skipped()
+        # The export, the plot and the stage_end event come before the checkpoint that marks the stage done:
+        # a resume skips done stages, so whatever came after that mark would be lost to a kill. A kill
+        # before it resumes from the stage's last step checkpoint and does the tail of the stage again.
+        if dist.is_main:
+            save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
+        summary = SkipCounter([SkippedSample(*sample) for sample in skipped]).summary()
+        self.metrics.end_stage(stage.name, skipped=summary)
         self.state.stage_done = True
+        self.state.skipped_samples = skipped
         ckpt.save(
             self.run_dir,
             f"stage-{index}-{stage.name}",
@@ -196,15 +268,22 @@ class Trainer:
             dist=dist,
             keep_last=config.keep_last,
         )
-        if dist.is_main:
-            save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
-        self.metrics.end_stage(stage.name, skipped=self.skips.summary())
+
+    def _gather_skipped(self) -> list[list[str]]:
+        """The stage's skipped samples so far over all ranks (each rank loads only its own rows), sorted;
+        every rank must call it."""
+        merged: dict[tuple[str, str], str] = {}
+        for part in self.dist.gather(self.skipped):
+            merged.update(part)
+        self.skipped = merged
+        return [[record, path, reason] for (record, path), reason in sorted(merged.items())]
 
     def _step(self, engine, stage: StageConfig, batches: list[PackedBatch], trains, *, last: bool) -> None:
         config, dist, device = self.config, self.dist, self.dist.device
         started = time.perf_counter()
         for batch in batches:
-            self.skips.add(batch)
+            for sample in batch.skipped:
+                self.skipped[(sample.record, sample.path)] = sample.reason
         flops = sum(
             batch_flops(
                 self.model,
@@ -271,8 +350,9 @@ class Trainer:
             self._save_step(engine)
             message = (
                 f"stopped after {self.state.consecutive_skips} consecutive steps with a non-finite loss or gradient "
-                f"(stage {stage.name!r}, step {self.state.global_step}); checkpoint written. Lower the learning "
-                "rate or check the data, then resume with --resume."
+                f"(stage {stage.name!r}, step {self.state.global_step}); checkpoint written. Check the data "
+                "or lower the learning rate, then resume: --resume accepts a new one "
+                f"(--set stages.{stage.name}.lr=...)."
             )
             self.metrics.event("run_stopped", reason=message)
             self.metrics.close()
@@ -281,6 +361,7 @@ class Trainer:
             self._save_step(engine)
 
     def _save_step(self, engine) -> None:
+        self.state.skipped_samples = self._gather_skipped()
         path = ckpt.save(
             self.run_dir,
             f"step-{self.state.global_step:08d}",

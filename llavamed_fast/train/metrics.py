@@ -66,10 +66,13 @@ class RunMetrics:
         self._bar: tqdm | None = None
         self._last_step: int | None = None
         self._stage_events: set[tuple[str, str]] = set()
+        self._event_kinds: set[str] = set()
         if not self.writes:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for record in _prepare(self.path, resume_step):
+            if "event" in record:
+                self._event_kinds.add(record["event"])
             if "event" in record and "stage" in record:
                 self._stage_events.add((record["event"], record["stage"]))
             if isinstance(record.get("step"), int):
@@ -166,6 +169,12 @@ class RunMetrics:
         if "event" in fields:
             raise ValueError("'event' is the record's kind; name the field something else")
         self._write({"event": kind, **fields, "time": round(time.time(), 3)})
+        self._event_kinds.add(kind)
+
+    def has_event(self, kind: str) -> bool:
+        """Whether the file holds an event of ``kind`` (kept from before a resume, or written since);
+        always False on ranks other than 0."""
+        return kind in self._event_kinds
 
     def end_stage(self, stage: str, **fields: Any) -> None:
         """Record the stage's end (with ``fields``; once, as for the start) and draw

@@ -22,6 +22,8 @@ from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import IMAGE_END, IMAGE_START
 from llavamed_fast.train.config import LoraConfig, StageConfig, Trainable
 
+LORA_PREFIX = "lora_"  # peft's LoRA parameter names: ...q_proj.lora_A.default.weight
+
 
 class StageParameters:
     """Applies a stage's trainable set to the model and undoes its hooks when the stage ends."""
@@ -36,6 +38,11 @@ class StageParameters:
         if Trainable.LLM in trains:
             if stage.lora is not None:
                 apply_lora(model, stage.lora)
+                # Unfrozen here, not by peft: a resumed run wrapped the LLM before loading the checkpoint,
+                # so its adapters already exist and were frozen just above with everything else.
+                for name, parameter in model.language_model.named_parameters():
+                    if LORA_PREFIX in name:
+                        parameter.requires_grad_(True)
             else:
                 model.language_model.requires_grad_(True)
         elif Trainable.IMAGE_TOKENS in trains:
@@ -66,7 +73,7 @@ def image_token_ids(processor) -> list[int]:
 
 
 def apply_lora(model: LlavaMed, config: LoraConfig) -> None:
-    """Wrap the LLM with LoRA adapters (peft); only the adapters train."""
+    """Wrap the LLM with LoRA adapters (peft), unless it is wrapped already."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 

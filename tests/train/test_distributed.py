@@ -49,7 +49,9 @@ SETTINGS = (
 pytestmark = pytest.mark.slow
 
 
-def train(out: Path, *extra: str, processes: int, resume: bool = False, check: bool = True) -> int:
+def train(
+    out: Path, *extra: str, processes: int, resume: bool = False, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run the tiny recipe with ``SETTINGS`` and ``extra`` overrides, in one process or under torchrun.
 
     ``--standalone`` lets torchrun pick a free port itself, so parallel test workers never collide. The
@@ -67,8 +69,8 @@ def train(out: Path, *extra: str, processes: int, resume: bool = False, check: b
     return launch(command, check=check)
 
 
-def launch(command: list[str], *, check: bool) -> int:
-    """Run ``command`` on the CPU with one thread per process; returns its exit code."""
+def launch(command: list[str], *, check: bool) -> subprocess.CompletedProcess:
+    """Run ``command`` on the CPU with one thread per process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # From an empty folder: the installed package must run, not the source tree beside the tests.
     with tempfile.TemporaryDirectory() as cwd:
@@ -77,7 +79,7 @@ def launch(command: list[str], *, check: bool) -> int:
         raise AssertionError(
             f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-6000:]}"
         )
-    return result.returncode
+    return result
 
 
 def step_records(run: Path) -> list[dict]:
@@ -188,7 +190,7 @@ def test_zero_resume_matches_uninterrupted(runs: dict[str, Path], tmp_path: Path
     needs_deepspeed()
     run = tmp_path / "stopped"
     settings = (f"stages.*.zero_stage={engine[-1]}", "nan_limit=1")
-    assert train(run, *settings, processes=2, check=False) != 0
+    assert train(run, *settings, processes=2, check=False).returncode != 0
     assert len(events(run, "run_stopped")) == 1
     assert step_records(run)[-1]["step"] == NAN_STEP
     assert (run / "checkpoints" / f"step-{NAN_STEP:08d}" / "deepspeed").is_dir()
@@ -318,3 +320,23 @@ def test_rows_without_images_or_samples_keep_ranks_in_step(tmp_path, vqa_rad_ima
         launch(command, check=True)
         ends = events(tmp_path / f"zero{zero}", "stage_end")
         assert any("broken.jpg" in str(e) for e in ends)  # the skipped sample is reported
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path: Path) -> None:
+    """Each rank's RNG state (and ZeRO partition) is saved per rank and, with rows_multiple=0, the step
+    plan follows the number of processes: a checkpoint resumes only with the number that wrote it. The
+    refusal says so and leaves the run as it was."""
+    settings = ("nan_limit=1",)  # stops cleanly at the injected NaN of step 6, after its checkpoint
+    for written, resumed in ((2, 1), (1, 2)):
+        run = tmp_path / f"from{written}"
+        assert train(run, *settings, processes=written, check=False).returncode != 0
+        assert len(events(run, "run_stopped")) == 1
+        before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+        result = train(run, *settings, processes=resumed, resume=True, check=False)
+        assert result.returncode != 0
+        expected = (
+            f"checkpoints/step-{NAN_STEP:08d} was written by {written} process(es) and this run has "
+            f"{resumed}: resume it with {written} (torchrun --nproc_per_node {written})"
+        )
+        assert expected in result.stderr, result.stderr[-3000:]
+        assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def environment() -> dict[str, str]:
 
 
 def run(
-    out: Path, *overrides: str, recipe: str = "tiny", resume: bool = False
+    out: Path, *overrides: str, recipe: str = "tiny", resume: bool = False, umask: int = -1
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(out, *overrides, recipe=recipe, resume=resume),
@@ -49,7 +50,39 @@ def run(
         env=environment(),
         check=False,
         cwd=out.parent,
+        umask=umask,
     )
+
+
+def start(out: Path, *overrides: str, log: Path) -> subprocess.Popen:
+    """The run in the background (stderr to ``log``), from outside the source tree like ``run``."""
+    with log.open("w") as stderr:
+        return subprocess.Popen(
+            command(out, *overrides),
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=out.parent,
+        )
+
+
+def wait_for_step(process: subprocess.Popen, out: Path, step: int, log: Path) -> None:
+    """Until ``step`` is in the metrics file; fails if the run ends first."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
+            return
+        if process.poll() is not None:
+            pytest.fail(
+                f"the run ended (exit {process.returncode}) before step {step}:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.05)
+    pytest.fail(f"no step {step} within 300 s")
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    return [r for r in records(out) if r.get("event") == kind]
 
 
 def records(out: Path) -> list[dict]:
@@ -281,3 +314,210 @@ def test_a_run_can_start_at_a_later_stage_from_an_exported_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [(stage, loss) for _, stage, loss in step_losses(whole) if stage == "instruct"]
     assert [(stage, loss) for _, stage, loss in step_losses(later)] == expected
+
+
+def test_lora_run_resumes_inside_the_lora_stage(tmp_path):
+    """A run stopped by SIGTERM inside a LoRA stage resumes with its adapters trainable and ends with
+    exactly the losses of an uninterrupted run (the adapters' dropout draws from the restored RNG)."""
+    overrides = ["stages.instruct.lora.r=4", "stages.alignment.max_steps=3", "stages.instruct.max_steps=8"]
+    overrides += ["checkpoint_every=3", "plots=false", "tensorboard=false"]
+    whole = tmp_path / "whole"
+    result = run(whole, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    process = start(killed, *overrides, log=log)
+    # Steps 4-11 are the LoRA stage, with checkpoints after steps 6 and 9: stopped after step 7, the run
+    # resumes from step 6, three steps into the stage.
+    wait_for_step(process, killed, 7, log)
+    process.send_signal(signal.SIGTERM)
+    process.wait()
+    assert step_losses(killed)[-1][0] < 11
+    resumed = run(killed, *overrides, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step_losses(killed) == step_losses(whole)
+
+
+def test_a_failed_stage_export_is_done_again_on_resume(tmp_path):
+    """The stage's export comes before the checkpoint that marks the stage done, so a run that fails (or
+    is killed) in between resumes into the export instead of skipping the stage without it. Here a file
+    where ``stages/`` should be makes the first export fail."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stages").write_text("in the way")
+    failed = run(out, *SHORT)
+    assert failed.returncode != 0 and f"File exists: '{out / 'stages'}'" in failed.stderr
+    (out / "stages").unlink()
+    resumed = run(out, *SHORT, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for stage in ("alignment", "instruct"):
+        load_pretrained(out / "stages" / stage)
+    assert [e["stage"] for e in events(out, "stage_end")] == ["alignment", "instruct"]
+    assert [s for s, _, _ in step_losses(out)] == list(range(1, 15))
+
+
+def test_a_non_finite_stop_resumes_with_a_lower_learning_rate(tmp_path):
+    """The non-finite guard's advice works: --resume accepts a new peak lr (and refuses a change to the
+    data plan), and the schedule continues from the same position at the new peak."""
+    overrides = [*SHORT, "inject_nan_at=[2,3,4]", "tensorboard=false"]
+    whole = tmp_path / "whole"
+    assert run(whole, *overrides, "nan_limit=4").returncode == 0  # the same steps, without the stop
+    stopped = tmp_path / "stopped"
+    result = run(stopped, *overrides, "nan_limit=3")
+    assert (
+        result.returncode == 3
+        and "--resume accepts a new one (--set stages.alignment.lr=...)" in result.stderr
+    )
+
+    refused = run(stopped, *overrides, "nan_limit=3", "stages.alignment.max_steps=9", resume=True)
+    assert refused.returncode == 1 and "differs from this run's config in stages.alignment.max_steps" in (
+        refused.stderr
+    )
+    assert "Traceback" not in refused.stderr
+
+    resumed = run(stopped, *overrides, "nan_limit=3", "stages.alignment.lr=0.0002", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "note: resuming with stages.alignment.lr changed from 0.001 to 0.0002" in resumed.stderr
+    assert json.loads((stopped / "config.json").read_text())["stages"][0]["lr"] == 0.0002
+    assert [e["changes"] for e in events(stopped, "config_changed")] == [
+        {"stages.alignment.lr": [0.001, 0.0002]}
+    ]
+    new, old = (
+        [r for r in records(stopped) if "event" not in r],
+        [r for r in records(whole) if "event" not in r],
+    )
+    for a, b in zip(new, old, strict=True):
+        ratio = 0.2 if a["stage"] == "alignment" and a["step"] > 4 else 1.0
+        assert a["lr"] == pytest.approx(b["lr"] * ratio, rel=1e-5), a["step"]
+    # Steps 2-4 were skipped, so step 5 starts from the same weights; its update at the new rate moves
+    # them less than the old rate does.
+    assert new[4]["loss"] == old[4]["loss"] and new[5]["loss"] != old[5]["loss"]
+
+
+def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_path):
+    """A bad data path, a malformed record, a missing image: ``error: <message>`` naming the file or
+    record, no traceback. Until the run writes a checkpoint, the folder it leaves takes a new start, with or
+    without --resume; once it has one, a start without --resume is refused."""
+    out = tmp_path / "run"
+    short = [
+        "stages.alignment.max_steps=1",
+        "stages.instruct.max_steps=1",
+        "plots=false",
+        "tensorboard=false",
+    ]
+
+    def data(path: Path) -> list[str]:
+        return [*short, "stages.*.data.kind=llava_json", f"stages.*.data.path={path}"]
+
+    missing = run(out, *data(tmp_path / "nope.json"))
+    assert missing.returncode == 1
+    assert missing.stderr.endswith(
+        f"error: [Errno 2] No such file or directory: '{tmp_path / 'nope.json'}'\n"
+    )
+
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text(json.dumps([{"id": "a", "conversations": []}]))
+    result = run(out, *data(malformed))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {malformed} record 0 (id a): 'conversations' must be a non-empty list" in result.stderr
+
+    no_image = tmp_path / "no_image.json"
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A scan."}]
+    no_image.write_text(json.dumps([{"id": "r1", "image": "gone.png", "conversations": turns}]))
+    result = run(out, *data(no_image), resume=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: record r1: image {tmp_path / 'gone.png'}" in result.stderr
+
+    fixed = run(out, *short)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "holds a run that never wrote a checkpoint; starting it afresh" in fixed.stderr
+    assert [s for s, _, _ in step_losses(out)] == [1, 2]  # nothing left from the failed starts
+    assert len(events(out, "stage_start")) == 2
+    again = run(out, *short)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert f"error: {out} already holds a run; pass --resume to continue it" in again.stderr
+    # A finished run whose checkpoints were deleted keeps its models: no fresh start over them.
+    shutil.rmtree(out / "checkpoints")
+    kept = run(out, *short)
+    assert kept.returncode == 1 and "holds exported models (model, stages/alignment, stages/instruct)" in (
+        kept.stderr
+    )
+
+
+def write_images(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    for i, name in enumerate(names):
+        Image.new("RGB", (64, 64), (40 * i % 256, 80, 120)).save(folder / name)
+
+
+def test_skipped_samples_are_reported_per_stage_and_across_a_resume(tmp_path):
+    """A bad image under bad_images=skip is listed once in each stage's end event, whatever the epochs
+    and stages before, and still after a resume at the stage's last step."""
+    write_images(tmp_path / "images", [f"{i}.png" for i in range(8)])
+    (tmp_path / "images" / "broken.png").write_bytes((tmp_path / "images" / "0.png").read_bytes()[:60])
+    turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A scan."}]
+    data = [{"id": f"r{i}", "image": f"{i}.png", "conversations": turns} for i in range(8)]
+    data.append({"id": "bad", "image": "broken.png", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    overrides = ["stages.*.data.kind=llava_json", f"stages.*.data.path={tmp_path / 'data.json'}"]
+    overrides += [f"stages.*.data.image_folder={tmp_path / 'images'}", "stages.*.data.bad_images=skip"]
+    overrides += ["stages.*.epochs=2", "stages.*.global_batch_size=4", "plots=false", "tensorboard=false"]
+    expected = f"1 sample(s) skipped for bad images:\n  bad: {tmp_path / 'images' / 'broken.png'}:"
+
+    whole = tmp_path / "whole"
+    result = run(whole, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ends = events(whole, "stage_end")
+    assert [e["stage"] for e in ends] == ["alignment", "instruct"]
+    assert all(e["skipped"].startswith(expected) and e["skipped"].count("\n") == 1 for e in ends), ends
+
+    # Stopped by the non-finite guard at the very last step (checkpoint written), then resumed: the
+    # stage's end comes straight after loading, with no step left to meet the bad sample again.
+    last = step_losses(whole)[-1][0]
+    stopped = tmp_path / "stopped"
+    assert run(stopped, *overrides, f"inject_nan_at=[{last}]", "nan_limit=1").returncode == 3
+    resumed = run(stopped, *overrides, f"inject_nan_at=[{last}]", "nan_limit=1", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["skipped"] for e in events(stopped, "stage_end")] == [e["skipped"] for e in ends]
+
+
+def test_exports_get_the_usual_permissions_and_a_finished_run_stays_finished(tmp_path):
+    """Exported models and checkpoints get the permissions of any new directory and file (0777 / 0666 less
+    the umask), and --resume on a finished run neither exports again nor logs a second run_end."""
+    out = tmp_path / "run"
+    short = [
+        "stages.alignment.max_steps=1",
+        "stages.instruct.max_steps=1",
+        "plots=false",
+        "tensorboard=false",
+    ]
+    assert run(out, *short, umask=0o022).returncode == 0
+    checkpoint = out / "checkpoints" / "stage-0-alignment"
+    for folder in (out / "model", out / "stages" / "alignment", out / "stages" / "instruct", checkpoint):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()}
+        assert set(modes.values()) == {"0o644"}, (folder, modes)  # safetensors alone would write 0600
+    written = {f.name: f.stat().st_mtime_ns for f in (out / "model").iterdir()}
+
+    again = run(out, *short, resume=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"note: {out} is already finished; nothing to do" in again.stderr
+    assert len(events(out, "run_end")) == 1
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "model").iterdir()} == written
+
+
+def test_sigint_stops_with_one_line_and_the_run_resumes(tmp_path):
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    overrides = [*SHORT, "tensorboard=false"]
+    process = start(out, *overrides, log=log)
+    wait_for_step(process, out, 5, log)
+    process.send_signal(signal.SIGINT)
+    assert process.wait() == 130
+    stderr = log.read_text()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.endswith(f"interrupted; continue from the last checkpoint with --resume --out {out}\n")
+    resumed = run(out, *overrides, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _, _ in step_losses(out)] == list(range(1, 15))
