@@ -394,20 +394,23 @@ def test_a_non_finite_stop_resumes_with_a_lower_learning_rate(tmp_path):
     assert new[4]["loss"] == old[4]["loss"] and new[5]["loss"] != old[5]["loss"]
 
 
+# One step per stage and no plots or event files: runs that test what happens around the steps.
+SHORT_RUN = [
+    "stages.alignment.max_steps=1",
+    "stages.instruct.max_steps=1",
+    "plots=false",
+    "tensorboard=false",
+]
+
+
 def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_path):
     """A bad data path, a malformed record, a missing image: ``error: <message>`` naming the file or
     record, no traceback. Until the run writes a checkpoint, the folder it leaves takes a new start, with or
     without --resume; once it has one, a start without --resume is refused."""
     out = tmp_path / "run"
-    short = [
-        "stages.alignment.max_steps=1",
-        "stages.instruct.max_steps=1",
-        "plots=false",
-        "tensorboard=false",
-    ]
 
     def data(path: Path) -> list[str]:
-        return [*short, "stages.*.data.kind=llava_json", f"stages.*.data.path={path}"]
+        return [*SHORT_RUN, "stages.*.data.kind=llava_json", f"stages.*.data.path={path}"]
 
     missing = run(out, *data(tmp_path / "nope.json"))
     assert missing.returncode == 1
@@ -428,17 +431,17 @@ def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_p
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: record r1: image {tmp_path / 'gone.png'}" in result.stderr
 
-    fixed = run(out, *short)
+    fixed = run(out, *SHORT_RUN)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "holds a run that never wrote a checkpoint; starting it afresh" in fixed.stderr
     assert [s for s, _, _ in step_losses(out)] == [1, 2]  # nothing left from the failed starts
     assert len(events(out, "stage_start")) == 2
-    again = run(out, *short)
+    again = run(out, *SHORT_RUN)
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert f"error: {out} already holds a run; pass --resume to continue it" in again.stderr
     # A finished run whose checkpoints were deleted keeps its models: no fresh start over them.
     shutil.rmtree(out / "checkpoints")
-    kept = run(out, *short)
+    kept = run(out, *SHORT_RUN)
     assert kept.returncode == 1 and "holds exported models (model, stages/alignment, stages/instruct)" in (
         kept.stderr
     )
@@ -487,13 +490,7 @@ def test_exports_get_the_usual_permissions_and_a_finished_run_stays_finished(tmp
     """Exported models and checkpoints get the permissions of any new directory and file (0777 / 0666 less
     the umask), and --resume on a finished run neither exports again nor logs a second run_end."""
     out = tmp_path / "run"
-    short = [
-        "stages.alignment.max_steps=1",
-        "stages.instruct.max_steps=1",
-        "plots=false",
-        "tensorboard=false",
-    ]
-    assert run(out, *short, umask=0o022).returncode == 0
+    assert run(out, *SHORT_RUN, umask=0o022).returncode == 0
     checkpoint = out / "checkpoints" / "stage-0-alignment"
     for folder in (out / "model", out / "stages" / "alignment", out / "stages" / "instruct", checkpoint):
         assert folder.stat().st_mode & 0o777 == 0o755, folder
@@ -501,7 +498,7 @@ def test_exports_get_the_usual_permissions_and_a_finished_run_stays_finished(tmp
         assert set(modes.values()) == {"0o644"}, (folder, modes)  # safetensors alone would write 0600
     written = {f.name: f.stat().st_mtime_ns for f in (out / "model").iterdir()}
 
-    again = run(out, *short, resume=True)
+    again = run(out, *SHORT_RUN, resume=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"note: {out} is already finished; nothing to do" in again.stderr
     assert len(events(out, "run_end")) == 1
