@@ -26,13 +26,14 @@ def test_default_on_cpu_is_the_reference_and_packing_uses_the_extension():
     assert ops.backend_for("packing", "cpu") == "cuda"  # the compiled C++ packer
 
 
-def test_backends_command_says_the_packer_is_cpp_on_the_cpu():
+def test_backends_command_says_the_packer_is_cpp_on_the_cpu(tmp_path):
     # "packing": "cuda" alone read as a GPU op on a machine without one; the packer is the extension's C++.
     out = subprocess.run(
         [sys.executable, "-m", "llavamed_fast", "backends", "--device", "cpu"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,  # the installed package, not the checkout's sources (whose extension may not be built)
     ).stdout
     table = json.loads(out)
     assert table["packing"] == "cuda (the extension's C++ packer, on the CPU)"
