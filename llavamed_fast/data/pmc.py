@@ -11,12 +11,15 @@ PMID); ``domain`` and ``compound`` are :mod:`selection`'s modality flags and com
 - The article is the root element, or any ``<article>`` below a wrapper (OAI-PMH ``GetRecord`` /
   ``ListRecords`` responses hold one or several); namespaces on element names are ignored, so a default
   JATS namespace parses the same as none.
-- ``caption`` is the caption's title and paragraphs as plain text; ``graphic`` the ``xlink:href`` of the
-  figure's own ``<graphic>`` (None without one); ``fig_group`` the id of an enclosing ``<fig-group>``.
+- ``caption`` is the caption's title and paragraphs as plain text, after those of the enclosing
+  ``<fig-group>``'s caption where it has one; ``caption_title`` the figure's own title; ``graphic`` the
+  ``xlink:href`` of the figure's own ``<graphic>`` (None without one); ``fig_group`` the id of an enclosing
+  ``<fig-group>``.
 - ``mentions`` are the sentences of the body's paragraphs that hold an ``<xref ref-type="fig">`` whose
   ``rid`` names the figure (or its group), however deeply the xref is nested in other markup and however
   many figures it names; in document order, each sentence once. Figures, tables and boxes inside a
-  paragraph are not part of its text.
+  paragraph are not part of its text, and neither are peer-review ``<sub-article>`` elements (reviewer
+  reports, decision letters, author responses).
 - A file that is not well-formed XML raises :class:`PmcError` naming the file and line; batch parsing
   (:func:`parse_files`) reports it and goes on with the other files.
 """
@@ -45,6 +48,22 @@ _NOT_PARAGRAPH_TEXT = {
     "boxed-text",
     "p",
     "supplementary-material",
+}
+# <sub-article> types (``article-type`` or ``specific-use``) of published peer review: JATS 1.3 / JATS4R
+# ("reviewer-report", "editor-report", "author-comment", "community-comment",
+# "aggregated-review-documents"), eLife ("decision-letter", "referee-report", "reply" for the author
+# response) and F1000 ("ref-report"). Reviewers and authors there discuss the figures, often critically
+# ("Figure 2 does not show ..."): not the article's description of them.
+_PEER_REVIEW = {
+    "reviewer-report",
+    "referee-report",
+    "ref-report",
+    "editor-report",
+    "decision-letter",
+    "author-comment",
+    "community-comment",
+    "aggregated-review-documents",
+    "reply",
 }
 
 
@@ -253,13 +272,26 @@ def _paragraph_text(paragraph: etree._Element) -> tuple[str, list[tuple[int, int
     return "".join(pieces), xrefs
 
 
-def _mentions(article: etree._Element) -> dict[str, list[str]]:
-    """Figure (or group) id -> the body sentences that refer to it, in document order, each once."""
+def _is_peer_review(node: etree._Element) -> bool:
+    if _local(node.tag) != "sub-article":
+        return False
+    kinds = (node.get("article-type") or "", node.get("specific-use") or "")
+    return any(kind.strip().lower() in _PEER_REVIEW for kind in kinds)
+
+
+def _mentions(article: etree._Element, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Figure (or group) id -> the body sentences that refer to it, in document order, each once.
+
+    ``groups`` maps a fig-group id to its member figures' ids: a sentence citing the group is also filed
+    under each member as it is met, so a member's list stays in document order."""
     found: dict[str, list[str]] = {}
     for body in _descendants(article, "body"):
         for paragraph in _descendants(body, "p"):
-            if any(_local(a.tag) in ("fig", "table-wrap", "caption") for a in paragraph.iterancestors()):
+            ancestors = list(paragraph.iterancestors())
+            if any(_local(a.tag) in ("fig", "table-wrap", "caption") for a in ancestors):
                 continue  # a caption's paragraph, not the article's text
+            if any(_is_peer_review(a) for a in ancestors):
+                continue
             text, xrefs = _paragraph_text(paragraph)
             if not xrefs:
                 continue
@@ -271,10 +303,19 @@ def _mentions(article: etree._Element) -> dict[str, list[str]]:
                 start, stop = max((span for span in spans if span[0] <= begin), default=spans[0])
                 sentence = _clean(text[start:stop])
                 for rid in rids:
-                    sentences = found.setdefault(rid, [])
-                    if sentence not in sentences:
-                        sentences.append(sentence)
+                    for target in (rid, *groups.get(rid, ())):
+                        sentences = found.setdefault(target, [])
+                        if sentence not in sentences:
+                            sentences.append(sentence)
     return found
+
+
+def _caption_parts(element: etree._Element) -> tuple[str, list[str]]:
+    """The title and paragraph texts of the ``<caption>`` of a figure or fig-group ("" and [] without one)."""
+    caption = next(iter(_children(element, "caption")), None)
+    if caption is None:
+        return "", []
+    return _text(next(iter(_children(caption, "title")), None)), [_text(p) for p in _children(caption, "p")]
 
 
 def _articles(root: etree._Element) -> list[etree._Element]:
@@ -300,21 +341,28 @@ def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
     for article in articles:
         pmcid, pmid = _article_ids(article)
         licence = _licence(article)
-        mentions = _mentions(article)
+        figures = []
+        groups: dict[str, list[str]] = {}
         for number, fig in enumerate(_descendants(article, "fig"), start=1):
             figure_id = fig.get("id") or f"fig-{number}"
             parent = fig.getparent()
-            group = parent.get("id") if parent is not None and _local(parent.tag) == "fig-group" else None
-            caption = next(iter(_children(fig, "caption")), None)
-            title = _text(next(iter(_children(caption, "title")), None)) if caption is not None else ""
-            paragraphs = [_text(p) for p in _children(caption, "p")] if caption is not None else []
+            in_group = parent is not None and _local(parent.tag) == "fig-group"
+            figures.append((fig, figure_id, parent if in_group else None))
+            if in_group and parent.get("id"):
+                groups.setdefault(parent.get("id"), []).append(figure_id)
+        mentions = _mentions(article, groups)
+        for fig, figure_id, group_element in figures:
+            group = group_element.get("id") if group_element is not None else None
+            title, paragraphs = _caption_parts(fig)
+            # A group's caption describes the whole figure; members' captions are often only panel-level
+            # ("(A) ..."), so each member's caption starts with the group's.
+            group_title, group_paragraphs = (
+                ("", []) if group_element is None else _caption_parts(group_element)
+            )
             # A figure reprinted from elsewhere carries its own permissions, which win over the article's.
             own = next(iter(_children(fig, "permissions")), None)
             sentences = list(mentions.get(figure_id, []))
-            for sentence in mentions.get(group, []) if group else []:
-                if sentence not in sentences:
-                    sentences.append(sentence)
-            text = _clean(" ".join(x for x in (title, *paragraphs) if x))
+            text = _clean(" ".join(x for x in (group_title, *group_paragraphs, title, *paragraphs) if x))
             records.append(
                 FigureRecord(
                     pair_id=f"{pmid or pmcid or path.stem}_{figure_id}",

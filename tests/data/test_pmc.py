@@ -135,11 +135,11 @@ def test_fig_groups_nested_and_multi_figure_xrefs(tmp_path):
     f1a, f1b, f2, f3 = records["f1a"], records["f1b"], records["f2"], records["f3"]
     assert (f1a.pmcid, f1a.pmid, f1a.pair_id) == ("PMC222", "111", "111_f1a")
     assert (f1a.caption, f1a.caption_title, f1a.graphic) == (
-        "Left lung. Opacity (arrow).",
+        "Group caption. Left lung. Opacity (arrow).",
         "Left lung.",
         "img-1a",
     )
-    assert (f1b.caption, f1b.graphic, f1b.fig_group) == ("", "img-1b", "g1")
+    assert (f1b.caption, f1b.graphic, f1b.fig_group) == ("Group caption.", "img-1b", "g1")
     assert f2.graphic is None and records["inline"].graphic is None and f3.label is None
     group_mentions = ["Chest films were taken (see Fig. 1a).", "The group is in Fig. 1."]
     assert f1a.mentions == f1b.mentions == group_mentions
@@ -148,6 +148,84 @@ def test_fig_groups_nested_and_multi_figure_xrefs(tmp_path):
     both = "Both panels of Figs. 2 and 3 show CT slices, as in Smith et al. 2010."
     assert f2.mentions == f3.mentions == [both]
     assert (f1a.licence.code, f1a.licence.commercial_use) == ("CC BY-NC-SA", False)
+
+
+GROUPS = """<?xml version="1.0"?>
+<article><front><article-meta><article-id pub-id-type="pmid">444</article-id></article-meta></front>
+<body><sec>
+  <p>The whole set is in <xref ref-type="fig" rid="g1">Figure 1</xref>. Panel
+  <xref ref-type="fig" rid="f1b">1B</xref> shows the consolidation. Lesions shrank in all patients
+  (<xref ref-type="fig" rid="g1">Figure 1</xref>). Both scans are in
+  <xref ref-type="fig" rid="f1b">Fig. 1B</xref> and <xref ref-type="fig" rid="g1">Figure 1</xref>.</p>
+  <p>Follow-up is in <xref ref-type="fig" rid="f2a">Figure 2A</xref>.</p>
+  <fig-group id="g1"><label>Figure 1</label>
+    <caption><title>Chest CT of patient 3.</title><p>Before and after treatment.</p></caption>
+    <fig id="f1a"><label>A</label><caption><p>(A) Before treatment.</p></caption><graphic xlink:href="a"
+      xmlns:xlink="http://www.w3.org/1999/xlink"/></fig>
+    <fig id="f1b"><label>B</label><caption><title>After.</title><p>(B) Six weeks later.</p></caption></fig>
+  </fig-group>
+  <fig-group id="g2">
+    <fig id="f2a"><caption><p>(A) Follow-up radiograph.</p></caption></fig>
+  </fig-group>
+</sec></body></article>
+"""
+
+
+def test_a_fig_group_caption_leads_its_members_captions(tmp_path):
+    records = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "g.nxml", GROUPS))}
+    f1a, f1b, f2a = records["f1a"], records["f1b"], records["f2a"]
+    # The group's title and paragraphs come first (built as a figure's caption is: no label), then the
+    # member's own; the title field stays the member's own.
+    assert f1a.caption == "Chest CT of patient 3. Before and after treatment. (A) Before treatment."
+    assert f1b.caption == "Chest CT of patient 3. Before and after treatment. After. (B) Six weeks later."
+    assert (f1a.caption_title, f1b.caption_title) == (None, "After.")
+    # A group without a caption leaves the member's caption alone.
+    assert (f2a.caption, f2a.fig_group) == ("(A) Follow-up radiograph.", "g2")
+
+
+def test_group_mentions_keep_document_order(tmp_path):
+    records = {r.figure_id: r for r in pmc.parse_article(_write(tmp_path, "g.nxml", GROUPS))}
+    whole = "The whole set is in Figure 1."
+    shrank = "Lesions shrank in all patients (Figure 1)."
+    both = "Both scans are in Fig. 1B and Figure 1."
+    assert records["f1a"].mentions == [whole, shrank, both]
+    # The member's own sentences sit between the group's, each sentence once.
+    assert records["f1b"].mentions == [whole, "Panel 1B shows the consolidation.", shrank, both]
+    assert records["f2a"].mentions == ["Follow-up is in Figure 2A."]
+
+
+def test_peer_review_sub_articles_are_not_mentions(tmp_path, articles, by_pair):
+    # The real PLoS NTD article with its peer review appended as JATS 1.3 / eLife mark it: reviewers and
+    # authors discussing figure 1 are not the article's description of it.
+    review = """
+    <sub-article article-type="{kind}" id="sa-{n}"><front-stub><title-group><article-title>Review
+    </article-title></title-group></front-stub><body><p>The map in
+    <xref ref-type="fig" rid="pntd-0002065-g001">Fig. 1</xref> lacks a scale bar ({n}).</p></body>
+    </sub-article>"""
+    peer = "".join(
+        review.format(kind=kind, n=n) for n, kind in enumerate(["reviewer-report", "decision-letter"])
+    )
+    peer += review.replace('article-type="{kind}"', 'specific-use="Author-Comment"').format(n=2)
+    # Nested: an aggregated review document holding an untyped sub-article.
+    peer += (
+        '<sub-article article-type="aggregated-review-documents" id="agg"><front-stub/>'
+        + review.replace(' article-type="{kind}"', "").format(n=3)
+        + "</sub-article>"
+    )
+    # Any other sub-article (a translation, say) is the authors' own text about their figure: kept.
+    peer += """<sub-article article-type="translation" id="tr"><front-stub/><body><p>El mapa está en la
+    <xref ref-type="fig" rid="pntd-0002065-g001">Fig. 1</xref>.</p></body></sub-article>"""
+    path = tmp_path / "pntd.0002065.nxml"
+    path.write_text(
+        (articles / "pntd.0002065.nxml")
+        .read_text(encoding="utf-8")
+        .replace("</back></article>", f"</back>{peer}</article>"),
+        encoding="utf-8",
+    )
+    records = {r.figure_id: r for r in pmc.parse_article(path)}
+    own = by_pair["23469300_pntd-0002065-g001"].mentions
+    assert len(own) == 1
+    assert records["pntd-0002065-g001"].mentions == [*own, "El mapa está en la Fig. 1."]
 
 
 def test_oai_pmh_wrapper_with_a_default_namespace(tmp_path):
