@@ -204,6 +204,31 @@ def test_zero_resume_matches_uninterrupted(runs: dict[str, Path], tmp_path: Path
         assert repr(a["grad_norm"]) == repr(b["grad_norm"]), f"step {a['step']}: gradient norm"
 
 
+def test_zero2_resume_with_a_lower_learning_rate(runs: dict[str, Path], tmp_path: Path) -> None:
+    """--resume with a new ``stages.instruct.lr`` under ZeRO-2: loading DeepSpeed's optimizer state brings
+    back the old peak in its parameter groups, which must not win. The run stopped at step 6 (the instruct
+    stage's second step, skipped) continues its schedule at a fifth of the uninterrupted run's lr, and the
+    optimizer uses it: step 7's loss (weights of step 5) is the uninterrupted run's, step 8's is not."""
+    needs_deepspeed()
+    run = tmp_path / "stopped"
+    settings = ("stages.*.zero_stage=2", "nan_limit=1")
+    assert train(run, *settings, processes=2, check=False).returncode != 0
+    assert step_records(run)[-1]["step"] == NAN_STEP
+    resumed = train(run, *settings, "stages.instruct.lr=0.0001", processes=2, resume=True)
+    assert "note: resuming with stages.instruct.lr changed from 0.0005 to 0.0001" in resumed.stderr
+    assert [e["changes"] for e in events(run, "config_changed")] == [{"stages.instruct.lr": [0.0005, 0.0001]}]
+    got, want = step_records(run), step_records(runs["zero2"])
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for a, b in zip(got, want, strict=True):
+        ratio = 0.2 if a["step"] > NAN_STEP else 1.0
+        assert math.isclose(a["lr"], b["lr"] * ratio, rel_tol=1e-12), f"step {a['step']}: lr {a['lr']}"
+        if a["step"] <= NAN_STEP + 1:
+            assert repr(a["loss"]) == repr(b["loss"]), (
+                f"step {a['step']}: loss {a['loss']!r} vs {b['loss']!r}"
+            )
+    assert got[-1]["loss"] != want[-1]["loss"], "step 8: the optimizer kept the old learning rate"
+
+
 def test_zero_bf16_master_weights(tmp_path: Path) -> None:
     """bf16 is what GPUs run; DeepSpeed runs it on the CPU too, so the engine is checked here directly
     (the training command uses fp32 on the CPU): ZeRO-2 then ZeRO-3 on one model, as the LLaVA-Med
