@@ -227,7 +227,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """
     _check(x.dim() >= 1 and weight.dim() == 1, "x must be [..., D] and weight [D]")
     _check(x.shape[-1] == weight.shape[0], f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    backend = REGISTRY.resolve("rms_norm", x.device.type)
+    return _rms_norm_on(REGISTRY.resolve("rms_norm", x.device.type), x, weight, eps)
+
+
+def _rms_norm_on(backend: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if backend == "torch":
         return reference.rms_norm(x, weight, eps)
     return _library.rms_norm_op(x, weight, float(eps), backend)[0]
@@ -250,7 +253,7 @@ def residual_rms_norm(
     backend = REGISTRY.resolve("rms_norm", x.device.type)
     if backend == "torch" or not (torch.is_grad_enabled() and x.requires_grad):
         # No residual gradient to fold in (and a view would give x a gradient path it does not have).
-        return rms_norm(x, weight, eps), x
+        return _rms_norm_on(backend, x, weight, eps), x
     return _library.ResidualRmsNorm.apply(x, weight, float(eps), backend)
 
 

@@ -134,14 +134,16 @@ class _BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
+    def _too_large(self) -> JSONResponse:  # built only for the requests that get it
+        return _error(413, f"the request body is larger than {self.max_bytes} bytes")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _error(413, f"the request body is larger than {self.max_bytes} bytes")
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await too_large(scope, receive, send)
+            await self._too_large()(scope, receive, send)
             return
         received = 0
         exceeded = started = False
@@ -169,7 +171,7 @@ class _BodyLimit:
             if started:
                 raise
         if exceeded and not started:
-            await too_large(scope, receive, send)
+            await self._too_large()(scope, receive, send)
 
 
 def _explain(errors: Sequence[dict[str, Any]], body: Any) -> tuple[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from llavamed_fast.data.batch import PackedBatch, SkippedSample
 from llavamed_fast.data.dataset import SkipCounter
+from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.packing import collate
 from llavamed_fast.data.templates import IGNORE_INDEX
 from llavamed_fast.model import build, load_pretrained, save_pretrained
@@ -185,9 +185,7 @@ class Trainer:
                     )
                 for path, old, new in changes:
                     print(f"note: resuming with {path} changed from {old!r} to {new!r}", file=sys.stderr)
-            temporary = saved.with_name(saved.name + ".tmp")
-            temporary.write_text(self.config.to_json())
-            os.replace(temporary, saved)
+            write_atomic(saved, self.config.to_json())
         self.dist.barrier()
         return changes
 
