@@ -397,6 +397,23 @@ async def _call(make: Callable[[], Awaitable[Any]], config: TeacherConfig, sleep
     raise AssertionError("unreachable")
 
 
+def _count(value: Any) -> int:
+    """A token count from a reply's usage; anything that is not a count is 0 (the cost is then low, not lost)."""
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _result_error(result: dict, response: dict, body: dict) -> str:
+    """Why one batch result line holds no answer: the request's HTTP error, or the line's own error."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else result.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    status = response.get("status_code")
+    if status not in (None, 200):
+        return f"HTTP {status}" + (f": {str(message)[:200]}" if message else "")
+    if message:
+        return str(message)[:200]
+    return "a 200 with no message content"
+
+
 async def run_batch(
     jobs: Sequence[Job],
     config: TeacherConfig,
@@ -423,7 +440,49 @@ async def run_batch(
     state_path = batch_state_path(ledger)
     known = {key for key in keyed if key in ledger}  # answered before this run
 
+    why: dict[str, str] = {}  # request key -> why the batch did not answer it
+    notes: list[str] = []  # what went wrong with the batch as a whole
+
+    def collect(text: str, label: str) -> None:
+        """Ledger the answered lines of one of the batch's result files; note why the others failed. A
+        line that cannot be read is named and skipped: the lines after it still count."""
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                result = json.loads(line)
+                if not isinstance(result, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                notes.append(f"{label} line {number} unreadable ({str(error)[:80]})")
+                continue
+            key = result.get("custom_id")
+            if not isinstance(key, str) or not key:
+                notes.append(f"{label} line {number} has no custom_id")
+                continue
+            if key in ledger:
+                continue
+            response = result.get("response") if isinstance(result.get("response"), dict) else {}
+            body = response.get("body") if isinstance(response.get("body"), dict) else {}
+            choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+            message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+            content_text = message.get("content") if isinstance(message, dict) else None
+            if response.get("status_code") != 200 or not isinstance(content_text, str):
+                why[key] = _result_error(result, response, body)
+                continue
+            usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+            counts = {name: _count(usage.get(name)) for name in ("prompt_tokens", "completion_tokens")}
+            # Also as batch_*: the ledger's totals then tell which tokens were billed at the batch price.
+            counts.update({f"batch_{name}": count for name, count in list(counts.items())})
+            ledger.record(key, content_text, model=config.model, usage=counts)
+            why.pop(key, None)
+            stats.sent += 1
+            stats.prompt_tokens += counts["prompt_tokens"]
+            stats.completion_tokens += counts["completion_tokens"]
+
     async def finish(batch: Any) -> Any:
+        why.clear()  # reasons are this batch's only
+        notes.clear()
         while batch.status not in BATCH_DONE:
             if on_status:
                 on_status(batch.status)
@@ -431,30 +490,16 @@ async def run_batch(
             batch = await _call(lambda batch_id=batch.id: client.batches.retrieve(batch_id), config, sleep)
         if on_status:
             on_status(batch.status)
-        if batch.output_file_id:  # an expired or cancelled batch may still hold (billed) answers
-            content = await _call(lambda: client.files.content(batch.output_file_id), config, sleep)
-            for line in content.text.split("\n"):
-                if not line.strip():
-                    continue
-                result = json.loads(line)
-                key = result.get("custom_id")
-                response = result.get("response") or {}
-                body = response.get("body") or {}
-                choices = body.get("choices") or []
-                text = choices[0].get("message", {}).get("content") if choices else None
-                if not key or key in ledger or response.get("status_code") != 200 or text is None:
-                    continue
-                usage = body.get("usage") or {}
-                counts = {
-                    "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
-                    "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
-                }
-                # Also as batch_*: the ledger's totals then tell which tokens were billed at the batch price.
-                counts.update({f"batch_{name}": count for name, count in list(counts.items())})
-                ledger.record(key, text, model=config.model, usage=counts)
-                stats.sent += 1
-                stats.prompt_tokens += counts["prompt_tokens"]
-                stats.completion_tokens += counts["completion_tokens"]
+        # An expired or cancelled batch may still hold (billed) answers; failed requests are in the error file.
+        for kind in ("output", "error"):
+            file_id = getattr(batch, f"{kind}_file_id", None)
+            if file_id:
+                content = await _call(lambda file_id=file_id: client.files.content(file_id), config, sleep)
+                collect(content.text, f"batch {batch.id} {kind} file")
+        errors = getattr(getattr(batch, "errors", None), "data", None) or []
+        for error in errors[:3]:  # a failed batch: its input was refused as a whole
+            line = f" (line {error.line})" if getattr(error, "line", None) else ""
+            notes.append(f"batch {batch.id}: {error.code or 'error'}{line}: {error.message}")
         state_path.unlink(missing_ok=True)
         return batch
 
@@ -500,9 +545,9 @@ async def run_batch(
         for key, (_, job_ids) in keyed.items():
             for job_id in job_ids:
                 if key not in ledger:
-                    stats.failed[job_id] = (
-                        f"not answered by batch {batch.id if batch else '-'} ({batch.status if batch else '-'})"
-                    )
+                    where = f"batch {batch.id if batch else '-'} ({batch.status if batch else '-'})"
+                    reason = why.get(key) or "; ".join(["no answer", *notes[:3]])
+                    stats.failed[job_id] = redact(f"{where}: {reason}", os.environ.get(config.api_key_env))
                 elif key in known:
                     stats.cached += 1
     finally:

@@ -9,7 +9,9 @@ after the list is used up, ``"ok"``. The server counts attempts and successful r
 
 It also serves the Batch API's part that the client uses (``POST /v1/files`` multipart, ``POST
 /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``): a batch is ``validating``, then
-``in_progress``, then ``completed`` on successive retrievals, and answers each line as a chat request.
+``in_progress``, then ``completed`` on successive retrievals, and answers each line as a chat request
+(answers in the output file, failed requests in the error file, as the real API does). A figure in
+``garble`` gets its result line cut short.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class FakeTeacher:
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.batches_created = 0
+        self.garble: set[str] = set()  # figures whose batch result line is cut short
         self._ids = itertools.count(1)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -91,26 +94,30 @@ class FakeTeacher:
             return
         if batch["status"] != "in_progress":
             return
-        out = []
+        out, errors = [], []
         for line in self.files[batch["input_file_id"]].decode().splitlines():
             request = json.loads(line)
             figure = re.search(r"\[fig:([\w-]+)\]", request["body"]["messages"][-1]["content"]).group(1)
             action = self._next(figure)
-            if action.isdigit():
+            if action.isdigit():  # as the real API: failed requests go to the batch's error file
                 response = {"status_code": int(action), "body": {"error": {"message": f"scripted {action}"}}}
             else:
                 response = {
                     "status_code": 200,
                     "body": self._completion(figure, action, request["body"]["model"]),
                 }
-            out.append(
-                json.dumps(
-                    {"id": f"r{next(self._ids)}", "custom_id": request["custom_id"], "response": response}
-                )
+            result = json.dumps(
+                {"id": f"r{next(self._ids)}", "custom_id": request["custom_id"], "response": response}
             )
-        output_id = f"file-{next(self._ids)}"
-        self.files[output_id] = ("\n".join(out) + "\n").encode()
-        batch.update(status="completed", output_file_id=output_id, completed_at=int(time.time()))
+            if figure in self.garble:
+                result = result[: len(result) // 2]  # a line cut short
+            (errors if action.isdigit() else out).append(result)
+        for name, lines in (("output_file_id", out), ("error_file_id", errors)):
+            if lines:
+                file_id = f"file-{next(self._ids)}"
+                self.files[file_id] = ("\n".join(lines) + "\n").encode()
+                batch[name] = file_id
+        batch.update(status="completed", completed_at=int(time.time()))
 
     def _handler(self):
         teacher = self

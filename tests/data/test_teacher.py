@@ -373,6 +373,31 @@ def test_server_error_text_that_repeats_the_key_is_redacted(tmp_path, monkeypatc
     assert redact("key sk-abc123DEF456 and sk-x", "other") == "key [redacted] and sk-x"
 
 
+def test_a_batch_line_that_cannot_be_read_fails_its_request_only(tmp_path, key):
+    # Four figures: f1's request fails (its line is in the error file), f2's result line is cut short. The
+    # other two are kept, and each failure says why, naming the batch, the file and the line.
+    with FakeTeacher() as server:
+        server.script = {"f1": ["400"]}
+        server.garble = {"f2"}
+        config = _config(server)
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        jobs = [(f["pair_id"], instruct.build_messages(f)) for f in figures(4)]
+        stats = asyncio.run(run_batch(jobs, config, ledger, poll_seconds=0))
+        batch = next(iter(server.batches))
+        assert stats.sent == 2 and len(ledger) == 2
+        assert set(stats.failed) == {"1_f1", "1_f2"}
+        assert stats.failed["1_f1"] == f"batch {batch} (completed): HTTP 400: scripted 400"
+        assert stats.failed["1_f2"].startswith(
+            f"batch {batch} (completed): no answer; batch {batch} output file line 2 unreadable ("
+        )
+        assert not batch_state_path(ledger).exists()
+        # The next run sends the two again, as a second batch, and keeps the first two.
+        server.garble = set()
+        again = asyncio.run(run_batch(jobs, config, ledger, poll_seconds=0))
+        assert (again.sent, again.cached, again.failed, server.batches_created) == (2, 2, {}, 2)
+        ledger.close()
+
+
 def test_batch_replies_cost_half(tmp_path, key, capsys):
     # Four replies of 100 prompt and 20 completion tokens at 2 and 8 USD per million tokens: 0.00144 USD at
     # the list price, 0.00072 through the Batch API.
