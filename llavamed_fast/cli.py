@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from llavamed_fast._argtypes import number as checked_number
@@ -71,24 +70,13 @@ def _curate_align(args: argparse.Namespace) -> int:
     from llavamed_fast.data import alignment, selection
 
     records, skipped, errors = [], {"licence": 0, "domain": 0, "compound": 0, "no caption": 0}, []
-    first_line: dict[str, int] = {}  # pair id -> the line it was first seen on
     try:
-        for number, figure in alignment.read_jsonl(args.input):
-            try:
-                alignment.check_figure(figure)
-            except ValueError as error:
-                errors.append(f"{args.input}: line {number}: {error}")
-                continue
-            pair_id = figure.get("pair_id")
-            if pair_id in first_line:  # a repeated line: one record per figure, the first one
-                print(
-                    f"curate align: {args.input}: line {number}: pair_id {pair_id!r} repeats line "
-                    f"{first_line[pair_id]}; left out",
-                    file=sys.stderr,
-                )
-                continue
-            if pair_id:
-                first_line[pair_id] = number
+        figures = alignment.unique_figures(
+            args.input,
+            invalid=errors.append,
+            repeat=lambda text: print(f"curate align: {text}", file=sys.stderr),
+        )
+        for number, figure in figures:
             if not selection.licence_allows(figure.get("licence"), args.licence):
                 skipped["licence"] += 1
             elif args.domain and not any((figure.get("domain") or {}).get(d) for d in args.domain):
@@ -159,7 +147,7 @@ def _curate_instruct(args: argparse.Namespace) -> int:
 
 
 def _curate_images(args: argparse.Namespace) -> int:
-    from llavamed_fast.data.alignment import check_figure, read_jsonl
+    from llavamed_fast.data.alignment import unique_figures
     from llavamed_fast.data.fetch import FetchConfig, fetch
 
     config = FetchConfig(
@@ -172,31 +160,23 @@ def _curate_images(args: argparse.Namespace) -> int:
     )
     invalid = 0
 
-    def records() -> Iterator[dict]:
-        # Checked here, where line numbers are known; a bad record is left out and the others go on.
+    def left_out(text: str, *, counted: bool) -> None:
         nonlocal invalid
-        first_line: dict[str, int] = {}
-        for number, record in read_jsonl(args.input):
-            try:
-                check_figure(record)
-            except ValueError as error:
-                print(f"curate images: skipped {args.input}: line {number}: {error}", file=sys.stderr)
-                invalid += 1
-                continue
-            pair_id = record.get("pair_id")
-            if pair_id in first_line:
-                print(
-                    f"curate images: {args.input}: line {number}: pair_id {pair_id!r} repeats line "
-                    f"{first_line[pair_id]}; left out",
-                    file=sys.stderr,
-                )
-                continue
-            if pair_id:
-                first_line[pair_id] = number
-            yield record
+        invalid += counted
+        print(f"curate images: {'skipped ' if counted else ''}{text}", file=sys.stderr)
+
+    # Checked here, where line numbers are known; a bad record is left out and the others go on.
+    records = (
+        figure
+        for _, figure in unique_figures(
+            args.input,
+            invalid=lambda text: left_out(text, counted=True),
+            repeat=lambda text: left_out(text, counted=False),
+        )
+    )
 
     try:
-        counts = fetch(records(), config)
+        counts = fetch(records, config)
     except (OSError, ValueError) as error:
         print(f"curate images: {error}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from llavamed_fast.data.durable import write_atomic
@@ -133,6 +133,28 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterable[tuple[int, dict[str, An
                     f"{path}: line {number}: expected a JSON object, got {type(record).__name__}"
                 )
             yield number, record
+
+
+def unique_figures(
+    path: str | os.PathLike[str], *, invalid: Callable[[str], None], repeat: Callable[[str], None]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, figure)`` for each valid figure record of a JSONL file, the first one of each
+    ``pair_id`` only. An invalid record goes to ``invalid`` and a repeated one to ``repeat``, each as a
+    message naming the file and line; both are left out and the lines after them still count."""
+    first_line: dict[str, int] = {}  # pair id -> the line it was first seen on
+    for number, figure in read_jsonl(path):
+        try:
+            check_figure(figure)
+        except ValueError as error:
+            invalid(f"{path}: line {number}: {error}")
+            continue
+        pair_id = figure.get("pair_id")
+        if pair_id in first_line:
+            repeat(f"{path}: line {number}: pair_id {pair_id!r} repeats line {first_line[pair_id]}; left out")
+            continue
+        if pair_id:
+            first_line[pair_id] = number
+        yield number, figure
 
 
 def write_json(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> None:
