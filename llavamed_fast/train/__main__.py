@@ -34,6 +34,11 @@ def parser() -> argparse.ArgumentParser:
         "--start-stage", help="start at this stage (with --set model=<exported model of the stage before>)"
     )
     root.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    root.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show Python's traceback instead of the one-line message (for bug reports)",
+    )
     return root
 
 
@@ -66,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (OSError, ValueError, KeyError) as error:
         # Bad input (a data path, a record, an image, the run directory): the message names the file or
-        # record, and a traceback would only bury it.
+        # record, and a traceback would only bury it. These types are broad, so a bug can land here too:
+        # --traceback shows where it was raised.
+        if args.traceback:
+            raise
         print(
             f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}",
             file=sys.stderr,

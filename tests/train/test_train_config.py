@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from llavamed_fast.train.__main__ import main as train_main
 from llavamed_fast.train.config import apply_overrides, config_changes, resumable
 from llavamed_fast.train.recipes import get_recipe
 
@@ -59,6 +60,18 @@ def test_the_command_line_prints_the_error_without_a_traceback(tmp_path) -> None
     )
     assert result.returncode == 2
     assert result.stderr == "error: stages.instruct.lr: expected a number, got 'abc'\n"
+
+
+def test_traceback_shows_where_a_run_error_was_raised(tmp_path, capsys) -> None:
+    """A run's error is one line by default; ``--traceback`` lets it propagate, for a bug report."""
+    missing = tmp_path / "nope.json"
+    argv = ["--recipe", "tiny", "--out", str(tmp_path / "run"), "--set", "plots=false"]
+    argv += ["--set", "tensorboard=false", "--set", "stages.*.data.kind=llava_json"]
+    argv += ["--set", f"stages.*.data.path={missing}"]
+    assert train_main(argv) == 1
+    assert capsys.readouterr().err == f"error: [Errno 2] No such file or directory: '{missing}'\n"
+    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
+        train_main([*argv, "--traceback"])
 
 
 def test_a_resumed_run_may_change_only_what_keeps_the_plan() -> None:
