@@ -41,6 +41,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from llavamed_fast.data.durable import fsync_path, seal_tree
 from llavamed_fast.data.templates import IMAGE_TOKEN, ImageTokens, get_template
 from llavamed_fast.model.config import ModelConfig, ProjectorType
 from llavamed_fast.model.llava_med import LlavaMed
@@ -158,16 +159,11 @@ def save_pretrained(
         processor.save_pretrained(staging)
         ours = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
         (staging / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
-        # safetensors writes its files 0600; give every file the mode a new file gets here (0666 less the
-        # umask, read off the staging directory's 0777 less the umask), so others can read the export.
-        mode = staging.stat().st_mode & 0o666
-        for path in staging.iterdir():
-            os.chmod(path, mode)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+        seal_tree(staging)  # readable by others (safetensors writes 0600) and on disk before the rename
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
+        fsync_path(target.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llavamed_fast.data.durable import fsync_path, seal_tree
 from llavamed_fast.train.dist import Dist
 
 MARKER = "COMPLETE"
@@ -38,15 +39,6 @@ class TrainerState:
     # The current stage's samples left out for bad images so far ([record, path, reason], all ranks), so
     # that the stage's end reports them after a resume too.
     skipped_samples: list[list[str]] = field(default_factory=list)
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -94,11 +86,7 @@ def save(
     torch.save(rng, staging / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.is_main:
-        mode = staging.stat().st_mode & 0o666  # safetensors writes 0600: the usual mode, as for the export
-        for path in staging.rglob("*"):
-            if path.is_file():
-                os.chmod(path, mode)
-                _fsync(path)
+        seal_tree(staging)  # the usual file mode (safetensors writes 0600), all on disk before the marker
         with open(staging / MARKER, "w") as handle:
             handle.write(f"{state.global_step}\n")
             handle.flush()
@@ -106,7 +94,7 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync(root)
+        fsync_path(root)
         _prune(root, keep_last)
     dist.barrier()
     return final

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from llavamed_fast.data.durable import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -300,22 +302,8 @@ def _prepare(path: Path, resume_step: int | None) -> list[dict[str, Any]]:
         kept.append(record)
         end += len(line) + 1
     if end < len(data):
-        _replace(path, data[:end])
+        write_atomic(path, data[:end])
     return kept
-
-
-def _replace(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a crash too
-    finally:
-        os.close(directory)
 
 
 def _postfix(record: dict[str, Any], total_steps: int | None) -> dict[str, str]:
