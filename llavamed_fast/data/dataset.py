@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from llavamed_fast.data.batch import PackedBatch, SkippedSample
+from llavamed_fast.data.batch import SkippedSample
 from llavamed_fast.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from llavamed_fast.data.packing import Sample
 from llavamed_fast.data.templates import ConversationError, Encoded, LabelAlignmentError, Message
@@ -214,20 +215,12 @@ class LlavaJsonDataset(Dataset):
         return self.sample(index, pixel_values=self.processor.preprocess_images(images))
 
 
-@dataclass
-class SkipCounter:
-    """Totals of the samples left out under the skip policy, for the run's summary."""
-
-    skipped: list[SkippedSample] = field(default_factory=list)
-
-    def add(self, batch: PackedBatch) -> None:
-        self.skipped.extend(batch.skipped)
-
-    def summary(self) -> str:
-        if not self.skipped:
-            return "no samples skipped"
-        lines = [f"{len(self.skipped)} sample(s) skipped for bad images:"]
-        lines += [f"  {s.record}: {s.path}: {s.reason}" for s in self.skipped[:20]]
-        if len(self.skipped) > 20:
-            lines.append(f"  ... and {len(self.skipped) - 20} more")
-        return "\n".join(lines)
+def skipped_summary(skipped: Sequence[SkippedSample]) -> str:
+    """The samples left out under the skip policy, for a stage's summary: how many, and the first 20."""
+    if not skipped:
+        return "no samples skipped"
+    lines = [f"{len(skipped)} sample(s) skipped for bad images:"]
+    lines += [f"  {s.record}: {s.path}: {s.reason}" for s in skipped[:20]]
+    if len(skipped) > 20:
+        lines.append(f"  ... and {len(skipped) - 20} more")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from llavamed_fast.data.batch import PackedBatch, SkippedSample
-from llavamed_fast.data.dataset import SkipCounter
+from llavamed_fast.data.dataset import skipped_summary
 from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.packing import collate
 from llavamed_fast.data.templates import IGNORE_INDEX
@@ -253,7 +253,7 @@ class Trainer:
         # before it resumes from the stage's last step checkpoint and does the tail of the stage again.
         if dist.is_main:
             save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
-        summary = SkipCounter([SkippedSample(*sample) for sample in skipped]).summary()
+        summary = skipped_summary([SkippedSample(*sample) for sample in skipped])
         self.metrics.end_stage(stage.name, skipped=summary)
         self.state.stage_done = True
         self.state.skipped_samples = skipped

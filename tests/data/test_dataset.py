@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llavamed_fast.data.batch import SkippedSample
-from llavamed_fast.data.dataset import LlavaJsonDataset, RecordError, SkipCounter, read_records
+from llavamed_fast.data.dataset import LlavaJsonDataset, RecordError, read_records, skipped_summary
 from llavamed_fast.data.images import ImageError
 from llavamed_fast.data.packing import PackedBatchSampler, Sample, collate
 from llavamed_fast.model import build
@@ -145,9 +145,9 @@ def test_bad_images_skip_and_count(tmp_path, image_folder, processor):
     batch = collate(items)
     assert batch.sample_ids == ("good",) and batch.num_samples == 1
     assert [s.record for s in batch.skipped] == ["trunc", "gone"]
-    counter = SkipCounter()
-    counter.add(batch)
-    assert "2 sample(s) skipped" in counter.summary() and "missing.jpg" in counter.summary()
+    summary = skipped_summary(batch.skipped)
+    assert summary.startswith("2 sample(s) skipped for bad images:\n  trunc: ") and "gone: " in summary
+    assert "missing.jpg" in summary
     empty = collate(items[1:])
     assert empty.num_samples == 0 and empty.num_tokens == 0 and len(empty.skipped) == 2
 
