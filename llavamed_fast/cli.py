@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from llavamed_fast._argtypes import number as checked_number
+from llavamed_fast._argtypes import ABOVE_ZERO, COUNT, NOT_NEGATIVE, NOT_NEGATIVE_INT, client_options
 
 # torch is imported by the commands that need it, never here: data curation runs without it.
 DTYPES = ("bfloat16", "float16", "float32")
@@ -266,36 +266,20 @@ def parser() -> argparse.ArgumentParser:
     )
     teach.add_argument("--input", required=True, help="FIGURES.jsonl from 'curate pmc'")
     teach.add_argument("--out", required=True, help="CONVERSATIONS.jsonl to write")
-    teach.add_argument(
-        "--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
-    )
     teach.add_argument("--model", required=True, help="the teacher model (Azure: the deployment name)")
-    # Checked values: a count of at least one, a retry count, a float above zero, one not below zero.
-    count, tries = checked_number(int, 1), checked_number(int, 0)
-    above_zero, not_negative = checked_number(float, 0, inclusive=False), checked_number(float, 0)
-    teach.add_argument("--concurrency", type=count, default=8, help="requests in flight at most")
-    teach.add_argument(
-        "--rpm", type=checked_number(float, 1), default=None, help="requests per minute at most"
-    )
-    teach.add_argument("--tpm", type=above_zero, default=None, help="tokens per minute at most (estimated)")
-    teach.add_argument("--max-retries", type=tries, default=6)
-    teach.add_argument("--timeout", type=above_zero, default=120.0, help="seconds per request")
-    teach.add_argument("--temperature", type=not_negative, default=0.7)
-    teach.add_argument("--max-tokens", type=count, default=1024)
-    teach.add_argument("--price", type=not_negative, nargs=2, metavar=("IN", "OUT"), help="USD per 1M tokens")
-    teach.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
-    teach.add_argument("--azure-api-version", default=None, help="use Azure OpenAI with this API version")
+    client_options(teach, temperature=0.7, max_tokens=1024)
+    teach.add_argument("--price", type=NOT_NEGATIVE, nargs=2, metavar=("IN", "OUT"), help="USD per 1M tokens")
     teach.add_argument("--ledger", default=None, help="reply ledger (default: OUT.ledger.jsonl)")
     teach.add_argument("--no-context", action="store_true", help="send the caption only, not the mentions")
     teach.add_argument("--seed", type=int, default=0, help="<image> placement")
-    teach.add_argument("--limit", type=count, default=None, help="only the first N figures")
+    teach.add_argument("--limit", type=COUNT, default=None, help="only the first N figures")
     teach.add_argument("--dry-run", action="store_true", help="print the first prompt and the estimated cost")
     teach.add_argument("--no-progress", action="store_true")
     teach.add_argument(
         "--batch", action="store_true", help="use the Batch API (half price, hours, resumable)"
     )
     teach.add_argument(
-        "--poll-seconds", type=not_negative, default=30.0, help="Batch API: seconds between polls"
+        "--poll-seconds", type=NOT_NEGATIVE, default=30.0, help="Batch API: seconds between polls"
     )
     teach.set_defaults(run=_curate_instruct)
 
@@ -308,9 +292,9 @@ def parser() -> argparse.ArgumentParser:
         "--url-template", default="https://europepmc.org/articles/{pmcid}/bin/{graphic}.jpg",
         help="per-file URL, from record fields (records with pmc_tar_url use their package instead)",
     )  # fmt: skip
-    images.add_argument("--concurrency", type=count, default=8)
-    images.add_argument("--timeout", type=above_zero, default=30.0, help="seconds per request")
-    images.add_argument("--retries", type=tries, default=3)
+    images.add_argument("--concurrency", type=COUNT, default=8)
+    images.add_argument("--timeout", type=ABOVE_ZERO, default=30.0, help="seconds per request")
+    images.add_argument("--retries", type=NOT_NEGATIVE_INT, default=3)
     images.add_argument(
         "--licence", default="any-including-unknown", choices=("commercial", "any", "any-including-unknown")
     )

@@ -8,13 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from llavamed_fast._argtypes import number
+from llavamed_fast._argtypes import COUNT, NOT_NEGATIVE_INT, client_options
 from llavamed_fast.eval.datasets import DEFAULT_FOLDERS, LOADERS, DatasetError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-COUNT, LIMIT = number(int, 1), number(int, 0)  # LIMIT: 0 means all
+LIMIT = NOT_NEGATIVE_INT  # 0 means all
 QA50 = "llava-med-qa50/llava_med_eval_qa50_qa.jsonl"  # the chat questions, under the shared data
 
 
@@ -251,19 +251,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--max-new-tokens", type=COUNT, default=512)
     judge.add_argument("--out", required=True, help="folder for reviews, report and the judge's ledger")
     judge.add_argument("--judge-model", required=True, help="e.g. gpt-4o-2024-08-06; recorded in the report")
-    judge.add_argument(
-        "--base-url", help="an OpenAI-compatible endpoint (default: OpenAI, or OPENAI_BASE_URL)"
-    )
-    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the variable holding the key")
-    judge.add_argument("--azure-api-version")
     judge.add_argument("--ledger", help="judge reply cache (default: OUT/judge_ledger.jsonl)")
-    # The judge's client options, checked as the curate commands check theirs.
-    above_zero, not_negative = number(float, 0, inclusive=False), number(float, 0)
-    judge.add_argument("--concurrency", type=COUNT, default=8)
-    judge.add_argument("--rpm", type=number(float, 1), help="requests per minute at most")
-    judge.add_argument("--max-retries", type=LIMIT, default=6)
-    judge.add_argument("--timeout", type=above_zero, default=120.0, help="seconds per request")
-    judge.add_argument("--temperature", type=not_negative, default=0.0)
-    judge.add_argument("--max-tokens", type=COUNT, default=512)
+    client_options(judge, temperature=0.0, max_tokens=512)
     judge.add_argument("--limit", type=LIMIT, default=0)
     judge.set_defaults(run=_chat)
