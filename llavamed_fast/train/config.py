@@ -58,13 +58,13 @@ class Schedule(str, enum.Enum):
 class DataKind(str, enum.Enum):
     LLAVA_JSON = "llava_json"  # a LLaVA JSON / JSONL file + an image folder
     SYNTHETIC = "synthetic"  # generated scans with captions/conversations (offline demo and tests)
-    VQA_RAD = "vqa_rad"  # the data_RAD split of VQA-RAD (trainset.json + images/)
+    VQA_RAD = "vqa_rad"  # VQA-RAD's training questions (the public JSON's 1,797 freeform + para rows)
 
 
 @dataclass
 class DataConfig:
     kind: DataKind = DataKind.LLAVA_JSON
-    path: str = ""  # LLaVA JSON(L) file, or the VQA-RAD folder
+    path: str = ""  # LLaVA JSON(L) file, or the VQA-RAD folder (default $LLAVAMED_SHARED_DATA/vqa-rad)
     image_folder: str = ""
     synthetic_task: str = "conversations"  # synthetic: "captions", "conversations" or "side_questions"
     synthetic_count: int = 0

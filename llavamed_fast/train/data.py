@@ -34,9 +34,12 @@ def _materialise(data: DataConfig, folder: Path) -> tuple[Path, Path]:
             out, task=data.synthetic_task, count=data.synthetic_count, seed=data.synthetic_seed
         )
         return path, out / "images"
-    from llavamed_fast.eval.datasets import to_llava, vqa_rad
+    from llavamed_fast.eval.datasets import DEFAULT_FOLDERS, default_path, to_llava, vqa_rad
 
-    root = Path(data.path)
+    # No path: the shared copy, where the evaluation commands find it too.
+    root = (
+        Path(data.path) if data.path else default_path(DEFAULT_FOLDERS["vqa-rad"], "--set stages.*.data.path")
+    )
     path = folder / "vqa_rad_train.json"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)

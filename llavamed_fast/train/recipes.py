@@ -72,16 +72,17 @@ def llava_med_v1_5() -> RunConfig:
 
 
 def vqa_finetune() -> RunConfig:
-    """Fine-tune a stage-2 model (``model``: its exported directory, e.g. ``runs/v15/model``) on a VQA
-    training split; VQA-RAD by default (``data.path``: the folder with the public JSON and images/): LLaVA-Med's
+    """Fine-tune a stage-2 model (``model``: its exported directory; by default ``runs/v15/model``, where
+    the README's ``llava-med-v1.5`` run puts it) on a VQA training split; VQA-RAD by default (``data.path``:
+    the folder with the public JSON and images/, by default ``$LLAVAMED_SHARED_DATA/vqa-rad``): LLaVA-Med's
     1,797 freeform + para training questions, one per record. Set ``stages.vqa.epochs`` per dataset."""
     return RunConfig(
         recipe="vqa-finetune",
-        model="runs/llava-med-v1.5/model",
+        model="runs/v15/model",
         stages=(
             StageConfig(
                 name="vqa",
-                data=DataConfig(kind=DataKind.VQA_RAD, path="data/vqa-rad"),
+                data=DataConfig(kind=DataKind.VQA_RAD),
                 trainable=(PROJECTOR, LLM),
                 lr=2e-5,
                 epochs=3,

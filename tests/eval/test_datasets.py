@@ -208,3 +208,23 @@ def test_the_vqa_finetune_stage_trains_on_llava_meds_1797_questions(tmp_path, da
     assert [r["conversations"][1]["value"] for r in records] == [r.answer for r in train]
     sample = dataset[0]
     assert len(sample.image_starts) == 1 and (sample.labels != -100).any()
+
+
+def test_the_vqa_finetune_recipe_finds_the_shared_vqa_rad_by_default(tmp_path, data_dir, monkeypatch):
+    import torch
+
+    from llavamed_fast.model import build
+    from llavamed_fast.train.data import stage_dataset
+    from llavamed_fast.train.dist import Dist
+    from llavamed_fast.train.recipes import get_recipe
+
+    _, processor = build("tiny-v1.5", seed=0)
+    data = get_recipe("vqa-finetune").stages[0].data
+    dist = Dist(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setenv("LLAVAMED_SHARED_DATA", str(data_dir))
+    assert len(stage_dataset(data, processor, tmp_path / "a", dist)) == 1797
+    monkeypatch.setenv("LLAVAMED_SHARED_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(
+        DatasetError, match=r"elsewhere/vqa-rad: no such .* pass --set stages\.\*\.data\.path"
+    ):
+        stage_dataset(data, processor, tmp_path / "b", dist)
