@@ -27,6 +27,12 @@ def number(kind: type, minimum: float, *, inclusive: bool = True) -> Callable[[s
     return parse
 
 
+# The template flag's help: the names are checked where the checkpoint is loaded (an unknown one is an error
+# listing them), so that parsing the command line imports nothing.
+TEMPLATE_HELP = (
+    "chat template, only for plain transformers checkpoints: v0, vicuna_v1, mistral_instruct, llama3"
+)
+
 COUNT = number(int, 1)  # a count of at least one
 NOT_NEGATIVE_INT = number(int, 0)  # a retry count, or a limit where 0 means all
 ABOVE_ZERO = number(float, 0, inclusive=False)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from llavamed_fast._argtypes import COUNT, NOT_NEGATIVE_INT, client_options
+from llavamed_fast._argtypes import COUNT, NOT_NEGATIVE_INT, TEMPLATE_HELP, client_options
 from llavamed_fast.eval.datasets import DEFAULT_FOLDERS, LOADERS, DatasetError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -75,7 +75,9 @@ def _answer(args: argparse.Namespace) -> int:
         items = vqa_questions(records, config.prompt_style)
         # The answer file is checked before the model is loaded: a run it cannot resume fails at once.
         answered_ids(args.out, config, {question_id: turn for question_id, turn, _ in items})
-        model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+        model, processor = load_for_inference(
+            args.model, template=args.template, device=args.device, dtype=args.dtype
+        )
         summary = answer_questions(model, processor, items, args.out, config, progress=args.progress)
     except (DatasetError, AnswerFileError, CheckpointError) as error:
         print(f"eval answer: {error}", file=sys.stderr)
@@ -150,7 +152,9 @@ def _chat(args: argparse.Namespace) -> int:
             items = [(q.question_id, q.prompt, [str(Path(args.image_folder) / q.image)]) for q in questions]
             try:
                 answered_ids(answers_file, config, {q.question_id: q.prompt for q in questions})
-                model, processor = load_for_inference(args.model, device=args.device, dtype=args.dtype)
+                model, processor = load_for_inference(
+                    args.model, template=args.template, device=args.device, dtype=args.dtype
+                )
                 done = answer_questions(model, processor, items, answers_file, config, metadata=lambda _q: {})
             except (AnswerFileError, CheckpointError) as error:
                 print(f"eval chat: {error}", file=sys.stderr)
@@ -211,6 +215,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     def model_options(parser: argparse.ArgumentParser, required: bool) -> None:
         parser.add_argument("--model", required=required, help="a checkpoint directory (HF layout)")
         parser.add_argument("--model-id", help="model_id written into the answer file (default: folder name)")
+        parser.add_argument("--template", help=TEMPLATE_HELP)
         parser.add_argument("--batch-size", type=COUNT, default=16)
         parser.add_argument("--max-new-tokens", type=COUNT, default=64)
         parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -246,6 +251,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--image-folder", help="the figures, named as the questions' 'image'")
     for name in ("--model-id", "--device"):
         judge.add_argument(name)
+    judge.add_argument("--template", help=TEMPLATE_HELP)
     judge.add_argument("--dtype", choices=DTYPES)
     judge.add_argument("--batch-size", type=COUNT, default=8)
     judge.add_argument("--max-new-tokens", type=COUNT, default=512)

@@ -42,7 +42,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llavamed_fast.data.durable import fsync_path, seal_tree
-from llavamed_fast.data.templates import IMAGE_TOKEN, ImageTokens, get_template
+from llavamed_fast.data.templates import IMAGE_TOKEN, TEMPLATES, ImageTokens, get_template
 from llavamed_fast.model.config import ModelConfig, ProjectorType
 from llavamed_fast.model.llava_med import LlavaMed
 from llavamed_fast.model.processor import LlavaMedProcessor
@@ -200,6 +200,8 @@ def load_pretrained(
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory")
+    if template is not None and template not in TEMPLATES:
+        raise CheckpointError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
     hf = LlavaConfig.from_pretrained(directory)
     image_processor = LlavaImageProcessorPil.from_pretrained(directory)
     if (directory / OUR_CONFIG).exists():
@@ -209,7 +211,8 @@ def load_pretrained(
     else:
         if template is None:
             raise CheckpointError(
-                f"{directory} has no {OUR_CONFIG}; pass template= (one of the chat templates)"
+                f"{directory} has no {OUR_CONFIG} (a plain transformers checkpoint): name its chat template "
+                f"(--template on the command line, template= in Python), one of {', '.join(TEMPLATES)}"
             )
         config = ModelConfig(
             name=directory.name,

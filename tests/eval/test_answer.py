@@ -19,7 +19,7 @@ from llavamed_fast.eval.answer import (
     vqa_questions,
 )
 from llavamed_fast.eval.prompts import YES_NO_OPTIONS
-from llavamed_fast.model import build
+from llavamed_fast.model import build, save_pretrained
 from llavamed_fast.model.generate import greedy_generate
 
 NEW_TOKENS = 10
@@ -177,3 +177,17 @@ def test_answer_command_refuses_what_it_cannot_do_before_loading_a_model(tmp_pat
     out.write_text(json.dumps({**row, "metadata": {**settings, "prompt_style": "plain"}}) + "\n")
     assert main([*base, "--model", str(missing)]) == 2
     assert "line 1: question x was answered with prompt_style 'plain'" in capsys.readouterr().err
+
+
+def test_a_plain_transformers_checkpoint_answers_with_a_named_template(tmp_path, data_dir, capsys):
+    from llavamed_fast.cli import main
+
+    model, processor = build("tiny-v1.5", seed=0)
+    plain = save_pretrained(model, processor, tmp_path / "plain")
+    (plain / "llavamed_fast.json").unlink()  # as a checkpoint from another LLaVA trainer
+    questions = datasets.write_jsonl(datasets.vqa_rad(data_dir / "vqa-rad", "test")[:2], tmp_path / "q.jsonl")
+    base = ["eval", "answer", "--questions", str(questions), "--model", str(plain), "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 2
+    assert "name its chat template (--template" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b.jsonl"), "--template", "mistral_instruct"]) == 0
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 2

@@ -124,8 +124,10 @@ def test_plain_transformers_checkpoint_needs_a_named_template(tmp_path):
     model, processor = build("tiny-v1.5", seed=8)
     directory = save_pretrained(model, processor, tmp_path / "hf")
     (directory / "llavamed_fast.json").unlink()
-    with pytest.raises(CheckpointError, match="pass template="):
+    with pytest.raises(CheckpointError, match=r"name its chat template \(--template .* one of v0, vicuna_v1"):
         load_pretrained(directory)
+    with pytest.raises(CheckpointError, match="unknown chat template 'mistral'; known: v0, "):
+        load_pretrained(directory, template="mistral")
     loaded, loaded_processor = load_pretrained(directory, template="mistral_instruct")
     assert loaded_processor.template.name == "mistral_instruct"
     x = torch.randn(1, 16, 64)

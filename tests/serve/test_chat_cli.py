@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -173,3 +174,33 @@ def test_terminal_chat(tmp_path, vqa_rad_images):
     at = out.index(follow.text, at + len(first.text))
     at = out.index("[conversation cleared]", at)
     assert out.index(first.text, at) > at
+
+
+def test_a_checkpoint_that_cannot_load_is_a_one_line_error(tmp_path):
+    """``serve``/``chat`` with no checkpoint there, or a plain transformers one without ``--template``:
+    exit 2 and a line that says what to pass; with ``--template`` the plain checkpoint serves."""
+    from llavamed_fast._argtypes import TEMPLATE_HELP
+    from llavamed_fast.data.templates import TEMPLATES
+
+    assert all(name in TEMPLATE_HELP for name in TEMPLATES)  # the help lists every template
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "llavamed_fast.cli", *args]
+        return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+    assert cli("init", "--preset", "tiny-v1.5", "--out", "ckpt").returncode == 0
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "plain")
+    (tmp_path / "plain" / "llavamed_fast.json").unlink()
+    missing = cli("serve", "--model", "nowhere")
+    assert (missing.returncode, missing.stderr) == (
+        2,
+        "serve: nowhere has no config.json: not a checkpoint directory\n",
+    )
+    plain = cli("chat", "--model", "plain")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.startswith(
+        "chat: plain has no llavamed_fast.json (a plain transformers checkpoint): "
+    )
+    assert "--template" in plain.stderr and "mistral_instruct" in plain.stderr
+    named = cli("chat", "--model", "plain", "--template", "mistral_instruct", stdin="/quit\n")
+    assert named.returncode == 0, named.stderr
