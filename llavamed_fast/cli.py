@@ -219,7 +219,8 @@ def parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="offline demo: synthetic scans, both training stages on a tiny model, held-out evaluation",
+        help="offline demo: synthetic scans, the curriculum (stages 1 and 2, then two short stages) on a tiny "
+        "model, held-out evaluation",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (data, run, evaluation)")
     demo.add_argument("--scale", type=float, default=1.0, help="scale data and steps (smoke runs: 0.05)")

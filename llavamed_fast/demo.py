@@ -4,7 +4,8 @@
    presence, side, size, brightness and count are written into stage-1 captions and stage-2 conversations,
    plus held-out single questions on unseen scans.
 2. Train a tiny LLaVA-Med (random init) through stage 1 (projector on captions) and stage 2 (projector +
-   LLM on conversations) with the real training code (``train/loop.py``).
+   LLM on conversations), then a short side-question stage and a consolidation on the conversations, with
+   the real training code (``train/loop.py``).
 3. Answer the held-out questions by batched greedy decoding (``eval/answer.py``), once with the real images and once with the images
    replaced by noise: a model that answers from the image scores high with the images and near chance
    without them. Print a table; the last line is a JSON summary.

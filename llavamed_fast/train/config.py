@@ -262,7 +262,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value if isinstance(value, hint) else _build(hint, value, where)
     if origin is tuple:
         if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ValueError(
+                f'{where}: expected a list (on the command line JSON: [12, 13], ["llm"]), got {value!r}'
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, _element(where, i, v)) for i, v in enumerate(value))
         if len(args) != len(value):

@@ -110,7 +110,16 @@ class Trainer:
             ckpt.check_world_size(self.checkpoint, dist, plan_follows_world_size=config.rows_multiple == 0)
             self.state = ckpt.read_state(self.checkpoint)
         else:
-            self.state = ckpt.TrainerState(stage_index=config.stage_index(start_stage) if start_stage else 0)
+            first = config.stage_index(start_stage) if start_stage else 0
+            if first > 0 and config.model in PRESETS:
+                # Random init in place of the stages before: almost surely a forgotten --set model=.
+                before = config.stages[first - 1].name
+                raise ValueError(
+                    f"--start-stage {start_stage} continues from the model stage {before!r} exported, but "
+                    f"model is the preset {config.model!r} (random init); pass --set model=<that export, "
+                    f"e.g. RUN/stages/{before}>"
+                )
+            self.state = ckpt.TrainerState(stage_index=first)
         if config.model in PRESETS:
             self.model, self.processor = build(config.model, seed=config.seed)
         else:

@@ -24,6 +24,7 @@ from llavamed_fast.train.recipes import get_recipe
         ("stages.instruct.lora.dropout=abc", "stages.instruct.lora.dropout: expected a number, got 'abc'"),
         ("stages.instruct.lora.dropout=1", "stages.instruct.lora.dropout: must be in [0, 1), got 1.0"),
         ("stages.instruct.lora.r=0", "stages.instruct.lora.r: must be a positive integer, got 0"),
+        ("inject_nan_at=12,13", "inject_nan_at: expected a list (on the command line JSON: [12, 13]"),
         ("stages.instruct.max_grad_norm=-1", "stages.instruct.max_grad_norm: must be a positive number"),
         ("stages.instruct.data.max_samples=-5", "stages.instruct.data.max_samples: must be >= 0 (0: all)"),
         ("stages.alignment.epochs=0", "stages.alignment.epochs: must be a positive number, got 0.0"),
@@ -72,6 +73,17 @@ def test_traceback_shows_where_a_run_error_was_raised(tmp_path, capsys) -> None:
     assert capsys.readouterr().err == f"error: [Errno 2] No such file or directory: '{missing}'\n"
     with pytest.raises(FileNotFoundError, match=r"nope\.json"):
         train_main([*argv, "--traceback"])
+
+
+def test_a_later_start_stage_needs_a_trained_model(tmp_path, capsys) -> None:
+    """--start-stage past the first stage with the recipe's random-init preset as the model would train
+    that stage on an untrained projector: refused, saying what to pass."""
+    argv = ["--recipe", "tiny", "--out", str(tmp_path / "run"), "--start-stage", "instruct"]
+    assert train_main(argv) == 1
+    assert capsys.readouterr().err == (
+        "error: --start-stage instruct continues from the model stage 'alignment' exported, but model is the "
+        "preset 'tiny-v1.5' (random init); pass --set model=<that export, e.g. RUN/stages/alignment>\n"
+    )
 
 
 def test_a_resumed_run_may_change_only_what_keeps_the_plan() -> None:
