@@ -59,14 +59,14 @@ def _answer(args: argparse.Namespace) -> int:
         vqa_questions,
     )
     from llavamed_fast.eval.datasets import read_records
-    from llavamed_fast.model.checkpoint import CheckpointError, load_for_inference
+    from llavamed_fast.model.checkpoint import CheckpointError, checkpoint_name, load_for_inference
 
     config = AnswerConfig(
         prompt_style=args.prompt_style,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         noise_images=args.noise_images,
-        model_id=args.model_id or Path(args.model).name,
+        model_id=args.model_id or checkpoint_name(args.model),
     )
     try:
         records = read_records(args.questions)
@@ -142,12 +142,12 @@ def _chat(args: argparse.Namespace) -> int:
                 answer_questions,
                 answered_ids,
             )
-            from llavamed_fast.model.checkpoint import CheckpointError, load_for_inference
+            from llavamed_fast.model.checkpoint import CheckpointError, checkpoint_name, load_for_inference
 
             config = AnswerConfig(
                 batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens,
-                model_id=args.model_id or Path(args.model).name,
+                model_id=args.model_id or checkpoint_name(args.model),
             )
             items = [(q.question_id, q.prompt, [str(Path(args.image_folder) / q.image)]) for q in questions]
             try:
@@ -214,7 +214,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     def model_options(parser: argparse.ArgumentParser, required: bool) -> None:
         parser.add_argument("--model", required=required, help="a checkpoint directory (HF layout)")
-        parser.add_argument("--model-id", help="model_id written into the answer file (default: folder name)")
+        parser.add_argument(
+            "--model-id",
+            help="model_id written into the answer file (default: folder name; RUN for RUN/model)",
+        )
         parser.add_argument("--template", help=TEMPLATE_HELP)
         parser.add_argument("--batch-size", type=COUNT, default=16)
         parser.add_argument("--max-new-tokens", type=COUNT, default=64)

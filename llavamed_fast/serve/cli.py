@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from llavamed_fast._argtypes import COUNT, NOT_NEGATIVE_INT, TEMPLATE_HELP
 
@@ -14,7 +13,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llavamed_fast.model.checkpoint import CheckpointError
+    from llavamed_fast.model.checkpoint import CheckpointError, checkpoint_name
     from llavamed_fast.serve.api import ServerLimits
     from llavamed_fast.serve.images import ImagePolicy
     from llavamed_fast.serve.server import is_loopback, load_engine, serve_forever
@@ -46,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(h.lower() for h in args.allow_image_host),
         allow_private_networks=args.allow_private_image_hosts,
     )
-    name = args.model_name or Path(args.model).name
+    name = args.model_name or checkpoint_name(args.model)
     print(f"serving {name} on http://{args.host}:{args.port} (API at /v1, chat page at /)", file=sys.stderr)
     serve_forever(
         engine, model_name=name, host=args.host, port=args.port, api_key=api_key, limits=limits, images=images
@@ -96,7 +95,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible API and a chat page for a checkpoint")
     serve.add_argument("--model", required=True, help="a checkpoint directory (HF layout)")
-    serve.add_argument("--model-name", help="the id clients use (default: the folder name)")
+    serve.add_argument(
+        "--model-name", help="the id clients use (default: the folder name; RUN for RUN/model)"
+    )
     serve.add_argument("--template", help=TEMPLATE_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="default loopback; any other address needs a key")
     serve.add_argument("--port", type=int, default=8000)

@@ -201,3 +201,19 @@ def test_loaded_model_keeps_vision_frozen(tmp_path):
     loaded, _ = load_pretrained(save_pretrained(model, processor, tmp_path / "f"))
     assert not any(p.requires_grad for p in loaded.vision_tower.parameters())
     assert all(p.requires_grad for p in loaded.language_model.parameters())
+
+
+def test_checkpoint_names_tell_runs_apart(tmp_path):
+    from llavamed_fast.model.checkpoint import checkpoint_name
+
+    run = tmp_path / "v15-rad"
+    (run / "stages" / "instruct").mkdir(parents=True)
+    (run / "model").mkdir()
+    assert checkpoint_name(run / "model") == "model"  # not a run folder (yet): the folder's own name
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    assert checkpoint_name(run / "model") == "v15-rad"
+    assert checkpoint_name(f"{run / 'model'}/") == "v15-rad"
+    assert checkpoint_name(run / "stages" / "instruct") == "v15-rad-instruct"
+    assert checkpoint_name(tmp_path / "ckpt") == "ckpt"
+    assert checkpoint_name("microsoft/llava-med-v1.5-mistral-7b") == "llava-med-v1.5-mistral-7b"
