@@ -178,6 +178,16 @@ class LlavaJsonDataset(Dataset):
     def image_paths(self, index: int) -> list[Path]:
         return [self.image_folder / name for name in self.records[index].images]
 
+    def missing_images(self) -> list[tuple[str, Path]]:
+        """``(record id, path)`` of every image file that does not exist: one ``stat`` per image, so that a
+        run can name them all before it starts rather than stop at the first one hours in."""
+        return [
+            (record.id, path)
+            for index, record in enumerate(self.records)
+            for path in self.image_paths(index)
+            if not path.is_file()
+        ]
+
     def load_images(self, index: int) -> list[Image.Image] | SkippedSample:
         """The record's decoded images, or (skip policy) why they cannot be used."""
         record = self.records[index]

@@ -75,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         # --traceback shows where it was raised.
         if args.traceback:
             raise
-        print(
-            f"error: {error.args[0] if isinstance(error, KeyError) and error.args else error}",
-            file=sys.stderr,
-        )
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        where = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+        print(f"error: {message}{where}", file=sys.stderr)
         return 1
     print(f"model: {model}")
     return 0

@@ -3,8 +3,9 @@
 A recipe (``recipes.py``) returns a full :class:`RunConfig`; the command line overrides single fields with
 ``--set path=value`` (``seed=1``, ``stages.1.lr=1e-4``, ``stages.instruct.epochs=1``,
 ``stages.*.zero_stage=2``). The resolved config is saved as ``config.json`` in the run directory, and a
-resumed run must match it except in the fields of :data:`RESUMABLE_RUN_FIELDS` and
-:data:`RESUMABLE_STAGE_FIELDS`, which change neither the data plan nor what a checkpoint holds.
+resumed run must match it except in the fields of :data:`RESUMABLE_RUN_FIELDS`,
+:data:`RESUMABLE_STAGE_FIELDS` and :data:`RESUMABLE_DATA_FIELDS`, which change neither the data plan nor
+what a checkpoint holds.
 
 Every field is checked on construction; an error names the field by its ``--set`` path
 (``stages.instruct.lora.r: must be a positive integer, got 0``).
@@ -77,6 +78,23 @@ class DataConfig:
         if self.kind is DataKind.LLAVA_JSON and not self.path:
             raise ConfigError("path", "is required for llava_json data")
         count, synthetic = self.synthetic_count, self.kind is DataKind.SYNTHETIC
+        # A file named for a kind that reads none would be ignored, and the stage would silently train on
+        # something else (the recipe's synthetic data).
+        ignored = (
+            ("path", "image_folder")
+            if synthetic
+            else ("image_folder",)
+            if self.kind is DataKind.VQA_RAD
+            else ()
+        )
+        for key in ignored:
+            if getattr(self, key):
+                why = "generated data, no files" if synthetic else "its images are PATH/images"
+                raise ConfigError(
+                    key,
+                    f"is set, but kind is {self.kind.value!r} ({why}), so it would be ignored; to train on a "
+                    "LLaVA JSON file also set this stage's data.kind=llava_json",
+                )
         _require(count > 0 or (count == 0 and not synthetic), "synthetic_count", "positive", count)
         _require(self.synthetic_seed >= 0, "synthetic_seed", ">= 0", self.synthetic_seed)
         _require(self.max_samples >= 0, "max_samples", ">= 0 (0: all)", self.max_samples)
@@ -308,6 +326,9 @@ RESUMABLE_RUN_FIELDS = frozenset(
     }
 )
 RESUMABLE_STAGE_FIELDS = frozenset({"lr", "max_grad_norm"})
+# Skipping a bad image happens in the collator, after the plan: switching a stopped run to "skip" (or
+# back) keeps every step where it was.
+RESUMABLE_DATA_FIELDS = frozenset({"bad_images"})
 
 
 def config_changes(saved: Mapping[str, Any], config: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -334,6 +355,8 @@ def resumable(path: str) -> bool:
     keys = path.split(".")
     if len(keys) == 1:
         return keys[0] in RESUMABLE_RUN_FIELDS
+    if len(keys) == 4 and keys[0] == "stages" and keys[2] == "data":
+        return keys[3] in RESUMABLE_DATA_FIELDS
     return len(keys) == 3 and keys[0] == "stages" and keys[2] in RESUMABLE_STAGE_FIELDS
 
 
@@ -391,6 +414,7 @@ def _assign(node: Any, keys: list[str], value: Any, override: str, *, new: bool 
 
 
 __all__ = [
+    "RESUMABLE_DATA_FIELDS",
     "RESUMABLE_RUN_FIELDS",
     "RESUMABLE_STAGE_FIELDS",
     "ConfigError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llavamed_fast.data.dataset import LlavaJsonDataset
+from llavamed_fast.data.dataset import LlavaJsonDataset, RecordError
 from llavamed_fast.train.config import DataConfig, DataKind
 from llavamed_fast.train.dist import Dist
 
@@ -19,7 +19,22 @@ def stage_dataset(data: DataConfig, processor, run_dir: Path, dist: Dist) -> Lla
     dist.barrier()
     if not dist.is_main:
         path, images = _materialise(data, folder)  # files exist now: this only computes the paths
-    return LlavaJsonDataset(path, images, processor, bad_images=data.bad_images, max_records=data.max_samples)
+    dataset = LlavaJsonDataset(
+        path, images, processor, bad_images=data.bad_images, max_records=data.max_samples
+    )
+    if data.bad_images == "raise":
+        missing = dataset.missing_images()
+        if missing:
+            shown = "; ".join(f"record {record}: {file.name}" for record, file in missing[:5])
+            manifest = images / "manifest.jsonl"
+            raise RecordError(
+                f"{len(missing)} of the images {path} names are not in {images} ({shown}"
+                + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+                + ")"
+                + (f"; {manifest} says why each could not be fetched" if manifest.is_file() else "")
+                + "; provide them, or set this stage's data.bad_images=skip to train without those samples"
+            )
+    return dataset
 
 
 def _materialise(data: DataConfig, folder: Path) -> tuple[Path, Path]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llavamed_fast.data.batch import PackedBatch, SkippedSample
@@ -26,6 +27,7 @@ from llavamed_fast.train import dist as dist_mod
 from llavamed_fast.train import features
 from llavamed_fast.train.batches import Step, plan_stage
 from llavamed_fast.train.config import (
+    RESUMABLE_DATA_FIELDS,
     RESUMABLE_RUN_FIELDS,
     RESUMABLE_STAGE_FIELDS,
     RunConfig,
@@ -188,7 +190,8 @@ class Trainer:
                 if refused:
                     raise ValueError(
                         f"{saved} differs from this run's config in {', '.join(refused)}; a resumed run may "
-                        f"change only {', '.join(sorted(RESUMABLE_STAGE_FIELDS))} of a stage and the run's "
+                        f"change only {', '.join(sorted(RESUMABLE_STAGE_FIELDS))}, "
+                        f"{', '.join('data.' + f for f in sorted(RESUMABLE_DATA_FIELDS))} of a stage and the run's "
                         f"{', '.join(sorted(RESUMABLE_RUN_FIELDS))} (to change anything else, start a new run "
                         "in another --out)"
                     )
@@ -202,7 +205,12 @@ class Trainer:
         for index in range(self.state.stage_index, len(self.config.stages)):
             if index == self.state.stage_index and self.state.stage_done:
                 continue
-            self._run_stage(index)
+            try:
+                self._run_stage(index)
+            except Exception as error:
+                # The message names the file or record; which stage met it is the loop's to say.
+                error.add_note(f"in stage {self.config.stages[index].name!r}")
+                raise
         final = self.run_dir / "model"
         if self.dist.is_main:
             # run_end is written after the export: with both there, the run was already finished.
@@ -232,6 +240,14 @@ class Trainer:
         elif llm.is_gradient_checkpointing:
             llm.gradient_checkpointing_disable()
         dataset = stage_dataset(stage.data, self.processor, self.run_dir, dist)
+        too_long = np.flatnonzero(dataset.lengths > stage.micro_batch_tokens)
+        if too_long.size:  # a row holds whole samples: one longer than the budget fits no row
+            first = int(too_long[0])
+            raise ValueError(
+                f"{too_long.size} sample(s) of {len(dataset)} are longer than micro_batch_tokens "
+                f"({stage.micro_batch_tokens}), the first record {dataset.records[first].id} with "
+                f"{int(dataset.lengths[first])} tokens; raise it (--set stages.{stage.name}.micro_batch_tokens=N)"
+            )
         if config.feature_cache and Trainable.VISION not in stage.trainable:
             autocast = self.dtype if dist.device.type == "cuda" and stage.zero_stage == 0 else None
             dataset = features.build(self.model, dataset, self.run_dir / "features", dist, autocast=autocast)
@@ -263,6 +279,8 @@ class Trainer:
         if dist.is_main:
             save_pretrained(self.model, self.processor, self.run_dir / "stages" / stage.name, overwrite=True)
         summary = skipped_summary([SkippedSample(*sample) for sample in skipped])
+        if skipped and dist.is_main:  # data that did not train must not pass unseen
+            print(f"stage {stage.name}: {summary}", file=sys.stderr)
         self.metrics.end_stage(stage.name, skipped=summary)
         self.state.stage_done = True
         self.state.skipped_samples = skipped

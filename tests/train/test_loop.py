@@ -415,7 +415,7 @@ def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_p
     missing = run(out, *data(tmp_path / "nope.json"))
     assert missing.returncode == 1
     assert missing.stderr.endswith(
-        f"error: [Errno 2] No such file or directory: '{tmp_path / 'nope.json'}'\n"
+        f"error: [Errno 2] No such file or directory: '{tmp_path / 'nope.json'}' (in stage 'alignment')\n"
     )
 
     malformed = tmp_path / "malformed.json"
@@ -429,7 +429,10 @@ def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_p
     no_image.write_text(json.dumps([{"id": "r1", "image": "gone.png", "conversations": turns}]))
     result = run(out, *data(no_image), resume=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"error: record r1: image {tmp_path / 'gone.png'}" in result.stderr
+    assert result.stderr.endswith(
+        f"error: 1 of the images {no_image} names are not in {tmp_path} (record r1: gone.png); provide them, "
+        "or set this stage's data.bad_images=skip to train without those samples (in stage 'alignment')\n"
+    )
 
     fixed = run(out, *SHORT_RUN)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
@@ -475,6 +478,7 @@ def test_skipped_samples_are_reported_per_stage_and_across_a_resume(tmp_path):
     ends = events(whole, "stage_end")
     assert [e["stage"] for e in ends] == ["alignment", "instruct"]
     assert all(e["skipped"].startswith(expected) and e["skipped"].count("\n") == 1 for e in ends), ends
+    assert f"stage alignment: {expected}" in result.stderr and f"stage instruct: {expected}" in result.stderr
 
     # Stopped by the non-finite guard at the very last step (checkpoint written), then resumed: the
     # stage's end comes straight after loading, with no step left to meet the bad sample again.

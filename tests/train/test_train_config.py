@@ -25,6 +25,14 @@ from llavamed_fast.train.recipes import get_recipe
         ("stages.instruct.lora.dropout=1", "stages.instruct.lora.dropout: must be in [0, 1), got 1.0"),
         ("stages.instruct.lora.r=0", "stages.instruct.lora.r: must be a positive integer, got 0"),
         ("inject_nan_at=12,13", "inject_nan_at: expected a list (on the command line JSON: [12, 13]"),
+        (
+            "stages.1.data.path=a.json",
+            "stages.instruct.data.path: is set, but kind is 'synthetic' (generated",
+        ),
+        (
+            "stages.0.data.image_folder=i",
+            "stages.alignment.data.image_folder: is set, but kind is 'synthetic'",
+        ),
         ("stages.instruct.max_grad_norm=-1", "stages.instruct.max_grad_norm: must be a positive number"),
         ("stages.instruct.data.max_samples=-5", "stages.instruct.data.max_samples: must be >= 0 (0: all)"),
         ("stages.alignment.epochs=0", "stages.alignment.epochs: must be a positive number, got 0.0"),
@@ -70,7 +78,10 @@ def test_traceback_shows_where_a_run_error_was_raised(tmp_path, capsys) -> None:
     argv += ["--set", "tensorboard=false", "--set", "stages.*.data.kind=llava_json"]
     argv += ["--set", f"stages.*.data.path={missing}"]
     assert train_main(argv) == 1
-    assert capsys.readouterr().err == f"error: [Errno 2] No such file or directory: '{missing}'\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: [Errno 2] No such file or directory: '{missing}' (in stage 'alignment')\n"
+    )
     with pytest.raises(FileNotFoundError, match=r"nope\.json"):
         train_main([*argv, "--traceback"])
 
@@ -84,6 +95,24 @@ def test_a_later_start_stage_needs_a_trained_model(tmp_path, capsys) -> None:
         "error: --start-stage instruct continues from the model stage 'alignment' exported, but model is the "
         "preset 'tiny-v1.5' (random init); pass --set model=<that export, e.g. RUN/stages/alignment>\n"
     )
+
+
+def test_a_sample_longer_than_the_token_budget_names_the_record_and_the_setting(tmp_path, capsys) -> None:
+    argv = [
+        "--recipe",
+        "tiny",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "stages.alignment.micro_batch_tokens=64",
+    ]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ")
+        and "sample(s) of 256 are longer than micro_batch_tokens (64), the first record" in err
+    )
+    assert err.endswith("raise it (--set stages.alignment.micro_batch_tokens=N) (in stage 'alignment')\n")
 
 
 def test_a_resumed_run_may_change_only_what_keeps_the_plan() -> None:
@@ -100,3 +129,11 @@ def test_a_resumed_run_may_change_only_what_keeps_the_plan() -> None:
     assert [path for path, _, _ in changes if not resumable(path)] == ["stages.alignment.max_steps"]
     lora = apply_overrides(get_recipe("tiny"), ["stages.instruct.lora.r=4"])
     assert [resumable(path) for path, _, _ in config_changes(saved, lora)] == [False]
+    # The skip policy acts after the plan (a stopped run may switch to it); the data itself may not change.
+    data = ["stages.*.data.bad_images=skip", "stages.instruct.data.synthetic_count=9"]
+    changes = config_changes(saved, apply_overrides(get_recipe("tiny"), data))
+    assert [(path, resumable(path)) for path, _, _ in changes] == [
+        ("stages.alignment.data.bad_images", True),
+        ("stages.instruct.data.bad_images", True),
+        ("stages.instruct.data.synthetic_count", False),
+    ]
