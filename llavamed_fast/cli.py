@@ -7,8 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llavamed_fast._argtypes import ABOVE_ZERO, COUNT, NOT_NEGATIVE, NOT_NEGATIVE_INT, client_options
+
+if TYPE_CHECKING:
+    from llavamed_fast.data.selection import FigurePolicy
 
 # torch is imported by the commands that need it, never here: data curation runs without it.
 DTYPES = ("bfloat16", "float16", "float32")
@@ -54,51 +58,70 @@ def _curate_pmc(args: argparse.Namespace) -> int:
     if not files:
         print(f"curate pmc: no .nxml/.xml files in {', '.join(args.input)}", file=sys.stderr)
         return 2
-    records, errors = pmc.parse_files(files)
+    repeats = []
+
+    def repeat(text: str) -> None:  # a warning, not a failure: the first figure of the pair id is written
+        repeats.append(text)
+        print(f"curate pmc: {text}", file=sys.stderr)
+
+    records, errors = pmc.parse_files(files, repeat=repeat)
     count = pmc.write_jsonl(records, args.out)
     for error in errors:
         print(f"curate pmc: skipped {error}", file=sys.stderr)
     articles = len({r.source for r in records})
     print(
         f"{count} figures from {articles} articles -> {args.out}"
+        + (f"; {len(repeats)} repeated pair ids left out" if repeats else "")
         + (f"; {len(errors)} of {len(files)} files could not be read" if errors else "")
     )
     return 1 if errors else 0
 
 
-def _curate_align(args: argparse.Namespace) -> int:
-    from llavamed_fast.data import alignment, selection
+def _figure_policy(args: argparse.Namespace) -> FigurePolicy:
+    """The figure selection of ``curate align`` and ``curate instruct`` (one implementation, one set of
+    options); reading ``--images`` raises a ValueError naming the manifest and line."""
+    from llavamed_fast.data import selection
 
-    records, skipped, errors = [], {"licence": 0, "domain": 0, "compound": 0, "no caption": 0}, []
+    images = selection.ImageManifest(args.images) if args.images else None
+    return selection.FigurePolicy(
+        licence=args.licence, domains=tuple(args.domain), skip_compound=args.skip_compound, images=images
+    )
+
+
+def _curate_align(args: argparse.Namespace) -> int:
+    from llavamed_fast.data import alignment
+
+    records, skipped, errors = [], {}, []
     try:
+        policy = _figure_policy(args)
         figures = alignment.unique_figures(
             args.input,
             invalid=errors.append,
             repeat=lambda text: print(f"curate align: {text}", file=sys.stderr),
         )
         for number, figure in figures:
-            if not selection.licence_allows(figure.get("licence"), args.licence):
-                skipped["licence"] += 1
-            elif args.domain and not any((figure.get("domain") or {}).get(d) for d in args.domain):
-                skipped["domain"] += 1
-            elif args.skip_compound and figure.get("compound"):
-                skipped["compound"] += 1
-            elif not (figure.get("caption") or "").strip():
-                skipped["no caption"] += 1
-            else:
-                try:
-                    records.append(
-                        alignment.alignment_record(figure, seed=args.seed, image_name=args.image_name)
-                    )
-                except ValueError as error:
-                    errors.append(f"{args.input}: line {number}: {error}")
+            why = policy.reason(figure)
+            if why is None and not (figure.get("caption") or "").strip():
+                why = "no caption"
+            if why is not None:
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            try:
+                records.append(alignment.alignment_record(figure, seed=args.seed, image_name=args.image_name))
+            except ValueError as error:
+                errors.append(f"{args.input}: line {number}: {error}")
     except (OSError, ValueError) as error:
         print(f"curate align: {error}", file=sys.stderr)
         return 2
     alignment.write_json(records, args.out)
     for error in errors:
         print(f"curate align: skipped {error}", file=sys.stderr)
-    left_out = ", ".join(f"{count} {why}" for why, count in skipped.items() if count)
+    # Selection reasons first, then images (named by their manifest status), then captions.
+    order = ("licence", "domain", "compound")
+    reasons = sorted(
+        skipped, key=lambda why: (order.index(why) if why in order else 3, why == "no caption", why)
+    )
+    left_out = ", ".join(f"{skipped[why]} {why.replace('image_', 'image ', 1)}" for why in reasons)
     print(f"{len(records)} alignment records -> {args.out}" + (f"; left out: {left_out}" if left_out else ""))
     return 1 if errors else 0
 
@@ -121,6 +144,7 @@ def _curate_instruct(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             batch=args.batch,
             poll_seconds=args.poll_seconds,
+            policy=_figure_policy(args),
         )
     except Interrupted as stop:  # Ctrl-C: nothing received is lost, so one line instead of a traceback
         pending = "; the batch goes on at the provider" if stop.batch_pending else ""
@@ -203,6 +227,29 @@ def _curate_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection_options(step: argparse.ArgumentParser) -> None:
+    """The figure selection options, the same for every step that writes training data (align, instruct)."""
+    from llavamed_fast.data.selection import DOMAINS, LICENCE_POLICIES
+
+    # One default for images, align and instruct, so that no step drops what another keeps; it is the
+    # images step's, which must keep LLaVA-Med's URL list (no licences). Choose a policy on purpose.
+    step.add_argument(
+        "--licence", default="any-including-unknown", choices=LICENCE_POLICIES,
+        help="commercial: only licences that allow commercial use; any: every classified licence; "
+        "any-including-unknown (default): also unclassified or missing licences",
+    )  # fmt: skip
+    step.add_argument(
+        "--domain", nargs="*", default=[], choices=DOMAINS,
+        help="keep only figures of these modalities (default: all figures)",
+    )  # fmt: skip
+    step.add_argument("--skip-compound", action="store_true", help="leave out multi-panel figures")
+    step.add_argument(
+        "--images", default=None, metavar="DIR",
+        help="keep only figures whose image 'curate images --out DIR' fetched (status ok in "
+        "DIR/manifest.jsonl, file present); the others are counted by reason",
+    )  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="llavamed-fast", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -245,15 +292,7 @@ def parser() -> argparse.ArgumentParser:
     align.add_argument("--input", required=True, help="FIGURES.jsonl from 'curate pmc'")
     align.add_argument("--out", required=True, help="ALIGN.json to write")
     align.add_argument("--seed", type=int, default=0, help="instruction wording and <image> placement")
-    align.add_argument(
-        "--licence", default="any", choices=("commercial", "any", "any-including-unknown"),
-        help="commercial: only licences that allow commercial use; any: every classified licence",
-    )  # fmt: skip
-    align.add_argument(
-        "--domain", nargs="*", default=[], choices=("chest_xray", "ct_scan", "mri", "histology", "gross"),
-        help="keep only figures of these modalities (default: all figures)",
-    )  # fmt: skip
-    align.add_argument("--skip-compound", action="store_true", help="leave out multi-panel figures")
+    _selection_options(align)
     align.add_argument(
         "--image-name",
         default=None,
@@ -273,7 +312,8 @@ def parser() -> argparse.ArgumentParser:
     teach.add_argument("--ledger", default=None, help="reply ledger (default: OUT.ledger.jsonl)")
     teach.add_argument("--no-context", action="store_true", help="send the caption only, not the mentions")
     teach.add_argument("--seed", type=int, default=0, help="<image> placement")
-    teach.add_argument("--limit", type=COUNT, default=None, help="only the first N figures")
+    _selection_options(teach)
+    teach.add_argument("--limit", type=COUNT, default=None, help="only the first N figures kept")
     teach.add_argument("--dry-run", action="store_true", help="print the first prompt and the estimated cost")
     teach.add_argument("--no-progress", action="store_true")
     teach.add_argument(

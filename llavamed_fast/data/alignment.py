@@ -1,10 +1,11 @@
 """Stage-1 alignment records from figure records: "describe this image" -> the caption. Pure Python.
 
 For each figure one human turn (an instruction and ``<image>``) and one gpt turn (the caption), in the
-LLaVA JSON format of the released data. As LLaVA-Med's stage 1 did, the instruction asks for a concise
-description when the caption is under 30 words and for a detailed one otherwise; the wording is drawn
-from a pool, and ``<image>`` goes before or after it. Every choice comes from a generator seeded by the
-run's seed and the figure's ``pair_id``, so a record is the same whatever order or subset it is made in.
+LLaVA JSON format of the released data, with the figure's ``domain`` flags as the instruction records
+carry them. As LLaVA-Med's stage 1 did, the instruction asks for a concise description when the caption
+is under 30 words and for a detailed one otherwise; the wording is drawn from a pool, and ``<image>``
+goes before or after it. Every choice comes from a generator seeded by the run's seed and the figure's
+``pair_id``, so a record is the same whatever order or subset it is made in.
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ def check_figure(figure: Mapping[str, Any]) -> None:
             )
 
 
+# The order of LLaVA-Med's released instruction data; the training reader ignores keys it does not use.
+RECORD_DOMAINS = ("chest_xray", "mri", "ct_scan", "histology", "gross")
+
+
+def domain_flags(figure: Mapping[str, Any]) -> dict[str, bool]:
+    """A training record's ``domain``: the figure's modality flags, each domain present, so that
+    ``curate stats`` counts alignment and instruction records alike (no flag set: "other")."""
+    domain = figure.get("domain") or {}
+    return {name: bool(domain.get(name)) for name in RECORD_DOMAINS}
+
+
 def instruction_pool(caption: str) -> tuple[str, ...]:
     return CONCISE if len(caption.split()) < CONCISE_WORDS else DETAILED
 
@@ -114,6 +126,7 @@ def alignment_record(
         "id": pair_id,
         "image": image_name_of(figure, image_name),
         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+        "domain": domain_flags(figure),
     }
 
 

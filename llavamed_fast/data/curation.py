@@ -21,6 +21,7 @@ from llavamed_fast.data import instruct
 from llavamed_fast.data.alignment import check_figure, read_jsonl
 from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.ledger import Ledger, request_key
+from llavamed_fast.data.selection import FigurePolicy
 from llavamed_fast.data.teacher import (
     TeacherConfig,
     batch_state_path,
@@ -29,6 +30,10 @@ from llavamed_fast.data.teacher import (
     run_batch,
     run_jobs,
 )
+
+# How many figures the summary names under "failures" and "dropped": enough to look into, while a large
+# run's summary stays readable (the counts under "failed" and "filters" are complete).
+NAMED = 20
 
 
 def default_ledger(out: str | os.PathLike[str]) -> Path:
@@ -79,10 +84,16 @@ def curate_instruct(
     progress: bool = True,
     batch: bool = False,
     poll_seconds: float = 30.0,
+    policy: FigurePolicy | None = None,
 ) -> dict[str, Any]:
     """Run the teacher over the figures and write the instruction records; returns the run's summary.
     A figure record with a field of the wrong type is skipped with a message on stderr naming its line
-    (counted as ``invalid_record``). Ctrl-C raises :class:`Interrupted` once the ledger is closed."""
+    (counted as ``invalid_record``). ``policy`` (default: :class:`FigurePolicy`'s, the command's defaults)
+    leaves figures out before any request is made, each counted under its reason (``licence``,
+    ``domain``, ``compound``, ``image_...``); ``limit`` counts the figures kept. A figure that was sent but
+    gives no record is named in the summary's ``dropped`` (first :data:`NAMED` of them) with its reason.
+    Ctrl-C raises :class:`Interrupted` once the ledger is closed."""
+    policy = policy if policy is not None else FigurePolicy()
     counts: Counter[str] = Counter()
     selected: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -100,6 +111,12 @@ def curate_instruct(
             counts["duplicate_pair_id"] += 1
             continue
         seen.add(figure["pair_id"])
+        # Before paying the teacher: a figure align would leave out (licence, modality, no image) is not
+        # asked about.
+        left_out = policy.reason(figure)
+        if left_out is not None:
+            counts[left_out] += 1
+            continue
         selected.append(figure)
         if limit is not None and len(selected) >= limit:
             break
@@ -151,20 +168,27 @@ def curate_instruct(
         if bar:
             bar.close()
     records = []
+    dropped: dict[str, str] = {}  # pair id -> why a figure that was asked about has no record
     params = config.params()
     for figure, (_, messages) in zip(selected, jobs, strict=True):
         entry = ledger.get(request_key(config.model, messages, params))
         if entry is None:
             counts["no_reply"] += 1
+            dropped[figure["pair_id"]] = "no_reply"  # the error is in "failures"
             continue
         try:
             turns = instruct.parse_conversation(entry["reply"])
         except instruct.ReplyError:
             counts["malformed_reply"] += 1
+            dropped[figure["pair_id"]] = "malformed_reply"
             continue
-        kept = instruct.clean_conversation(turns, counts)
+        hits: Counter[str] = Counter()  # this figure's filter hits, to say which ones emptied it
+        kept = instruct.clean_conversation(turns, hits)
+        counts.update(hits)
         if not kept:
             counts["nothing_left"] += 1
+            removed = ", ".join(f"{name} {hits[name]}" for name in ("refusal", "caption_leak") if hits[name])
+            dropped[figure["pair_id"]] = f"nothing_left: {removed}" if removed else "nothing_left"
             continue
         records.append(
             instruct.conversation_record(
@@ -179,7 +203,8 @@ def curate_instruct(
         "from_ledger": stats.cached,
         "retries": stats.retries,
         "failed": len(stats.failed),
-        "failures": dict(list(stats.failed.items())[:20]),
+        "failures": dict(list(stats.failed.items())[:NAMED]),
+        "dropped": dict(list(dropped.items())[:NAMED]),  # all of them are counted under "filters"
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "cost_usd": None if prices is None else round(stats.cost(prices), 6),

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llavamed_fast.data.alignment import image_name_of
+from llavamed_fast.data.alignment import domain_flags, image_name_of
 
 PROMPT_VERSION = "llavamed-fast/instruct-v1"
 
@@ -304,11 +304,10 @@ def conversation_record(
     conversations = [{"from": "human", "value": first}] + [
         {"from": "human" if t.role == "user" else "gpt", "value": t.text} for t in turns[1:]
     ]
-    domain = figure.get("domain") or {}
     return {
         "id": pair_id,
         "image": image_name_of(figure, image_name),
         "conversations": conversations,
-        "domain": {d: bool(domain.get(d)) for d in ("chest_xray", "mri", "ct_scan", "histology", "gross")},
+        "domain": domain_flags(figure),
         "provenance": {"teacher": teacher, "prompt_version": PROMPT_VERSION, "context": use_context},
     }

@@ -20,6 +20,8 @@ PMID); ``domain`` and ``compound`` are :mod:`selection`'s modality flags and com
   many figures it names; in document order, each sentence once. Figures, tables and boxes inside a
   paragraph are not part of its text, and neither are peer-review ``<sub-article>`` elements (reviewer
   reports, decision letters, author responses).
+- Each input file is read once however often the inputs name it, and a ``pair_id`` is written once: a
+  repeat (a copied article) is left out with a warning naming both files.
 - A file that is not well-formed XML raises :class:`PmcError` naming the file and line; batch parsing
   (:func:`parse_files`) reports it and goes on with the other files.
 """
@@ -29,7 +31,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -385,32 +388,58 @@ def parse_article(path: str | os.PathLike[str]) -> list[FigureRecord]:
 
 
 def article_files(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The files named, and the ``.nxml``/``.xml`` files below the folders named, sorted per folder."""
+    """The files named, and the ``.nxml``/``.xml`` files below the folders named, sorted per folder; each
+    file once, at its first place, however often the inputs name it (``DIR DIR/x.nxml``, a link to it)."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(
+            found = sorted(
                 p for p in path.rglob("*") if p.suffix.lower() in (".nxml", ".xml") and p.is_file()
             )
         else:
-            files.append(path)
+            found = [path]
+        for file in found:
+            resolved = file.resolve()  # one key for "a/x.nxml", "./a/x.nxml" and a link to it
+            if resolved not in seen:
+                seen.add(resolved)
+                files.append(file)
     return files
 
 
 def parse_files(
     inputs: Iterable[str | os.PathLike[str]],
+    *,
+    repeat: Callable[[str], None] | None = None,
 ) -> tuple[list[FigureRecord], list[str]]:
-    """Figure records of every readable article, and one error message per file that could not be read."""
+    """Figure records of every readable article, and one error message per file that could not be read.
+
+    A ``pair_id`` already given by an earlier figure (the same article copied under another name, an
+    article in two folders, two figures with one id) is left out: the first one stays, and ``repeat``
+    gets a message naming both files (default: a :class:`UserWarning`)."""
     records: list[FigureRecord] = []
     errors: list[str] = []
+    first: dict[str, Path] = {}  # pair id -> the file it came from first
     for path in article_files(inputs):
         try:
-            records += parse_article(path)
+            found = parse_article(path)
         except PmcError as error:
             errors.append(str(error))
+            continue
         except Exception as error:  # an article shape we do not handle: report it, keep the batch going
             errors.append(f"{path}: could not be parsed: {type(error).__name__}: {error}")
+            continue
+        for record in found:
+            if record.pair_id in first:
+                message = f"{path}: pair_id {record.pair_id!r} repeats the one from {first[record.pair_id]}; left out"
+                if repeat is None:
+                    warnings.warn(message, stacklevel=2)
+                else:
+                    repeat(message)
+                continue
+            first[record.pair_id] = path
+            records.append(record)
     return records, errors
 
 

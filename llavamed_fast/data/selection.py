@@ -10,12 +10,20 @@
 - **Licence** (:func:`licence_allows`): ``commercial`` keeps only licences that allow commercial use
   (CC BY, CC BY-SA, CC BY-ND, CC0, public domain); ``any`` keeps every classified licence; unknown
   licences are kept only under ``any-including-unknown``.
+- **Policy** (:class:`FigurePolicy`): the three above and, optionally, the image manifest that
+  ``curate images`` wrote (:class:`ImageManifest`), as one decision with a reason per left-out figure,
+  shared by ``curate align`` and ``curate instruct`` so that both keep the same figures.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
 
@@ -112,3 +120,105 @@ def licence_allows(licence: Mapping[str, object] | None, policy: str) -> bool:
     if policy == "any":
         return commercial is not None
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One policy for every step that writes training data ('curate align', 'curate instruct'), so a figure that
+# one step leaves out is left out by the other with the same options, and counted under the same reason.
+
+IMAGE_MANIFEST = "manifest.jsonl"
+
+
+class ImageManifest:
+    """What ``curate images`` decided per figure, read from ``FOLDER/manifest.jsonl`` (read only: the
+    manifest is the images step's, so nothing here truncates or rewrites it).
+
+    A figure is usable when its last manifest line says ``ok`` and that file is still in the folder with
+    the size the line records. ``skipped`` is no manifest status: an item done by an earlier run keeps the
+    ``ok`` line of that run. Every other outcome is a reason to leave the figure out: ``image_<status>``
+    (``image_not_found``, ``image_corrupt``, ``image_error``, ``image_licence_excluded``), ``image_missing``
+    for a figure the manifest does not name (never fetched), ``image_file_missing`` for an ``ok`` line whose
+    file is gone or has another size.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / IMAGE_MANIFEST
+        if not self.path.is_file():
+            raise ValueError(
+                f"{self.path}: no image manifest; run 'curate images --out {self.folder}' first, or give "
+                "the folder it wrote"
+            )
+        self.entries: dict[str, dict[str, Any]] = {}
+        data = self.path.read_bytes()
+        lines = data.decode("utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number == len(lines):
+                    # The last line without its newline: 'curate images' was killed while writing it. It
+                    # decided nothing (the images step drops such a line on its next run), so that figure
+                    # counts as not fetched yet.
+                    continue
+                raise ValueError(f"{self.path}: line {number}: not JSON: {error.msg}") from None
+            if not isinstance(entry, dict):
+                raise ValueError(
+                    f"{self.path}: line {number}: expected a JSON object, got {type(entry).__name__}"
+                )
+            for name in ("pair_id", "status"):
+                if not isinstance(entry.get(name), str) or not entry[name]:
+                    raise ValueError(
+                        f"{self.path}: line {number}: {name!r} must be a non-empty string, "
+                        f"got {entry.get(name)!r:.60}"
+                    )
+            if entry["status"] == "ok" and not isinstance(entry.get("file"), str):
+                raise ValueError(f"{self.path}: line {number}: an 'ok' line without its 'file'")
+            self.entries[entry["pair_id"]] = entry  # the last line of a pair id wins, as in 'curate images'
+
+    def reason(self, pair_id: str) -> str | None:
+        """Why the figure ``pair_id`` has no usable image, or None when it has one."""
+        entry = self.entries.get(pair_id)
+        if entry is None:
+            return "image_missing"
+        if entry["status"] != "ok":
+            return f"image_{entry['status']}"
+        path = self.folder / entry["file"]
+        size = entry.get("bytes")
+        if not path.is_file() or (isinstance(size, int) and path.stat().st_size != size):
+            return "image_file_missing"
+        return None
+
+
+@dataclass(frozen=True)
+class FigurePolicy:
+    """Which figure records a training-data step keeps. The defaults are those of ``curate align``,
+    ``curate instruct`` and ``curate images``: every figure, whatever its licence (as LLaVA-Med, whose
+    URL list carries none), every modality, compound figures too, no image check."""
+
+    licence: str = "any-including-unknown"
+    domains: tuple[str, ...] = ()
+    skip_compound: bool = False
+    images: ImageManifest | None = None
+
+    def __post_init__(self) -> None:
+        licence_allows(None, self.licence)  # an unknown policy fails here, before any record is read
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domain {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+
+    def reason(self, figure: Mapping[str, Any]) -> str | None:
+        """Why ``figure`` is left out (``licence``, ``domain``, ``compound`` or an image reason of
+        :meth:`ImageManifest.reason`), or None to keep it. The image is checked last: a figure excluded by
+        licence is counted as that, whatever happened to its image."""
+        if not licence_allows(figure.get("licence"), self.licence):
+            return "licence"
+        if self.domains and not any((figure.get("domain") or {}).get(d) for d in self.domains):
+            return "domain"
+        if self.skip_compound and figure.get("compound"):
+            return "compound"
+        if self.images is not None:
+            return self.images.reason(str(figure.get("pair_id") or ""))
+        return None

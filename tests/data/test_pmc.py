@@ -327,3 +327,35 @@ def test_cli_writes_jsonl_without_torch(tmp_path, articles):
         "graphic",
         "mentions",
     }
+
+
+def test_overlapping_inputs_and_copied_articles_give_each_pair_id_once(tmp_path, capsys):
+    from llavamed_fast.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = _write(folder, "a.nxml", ARTICLE)
+    ids = [f"111_{figure}" for figure in ("inline", "f1a", "f1b", "f2", "f3")]
+    out = tmp_path / "figures.jsonl"
+    # The folder, a file in it, the same file spelled otherwise: it is read once, and that is no warning.
+    inputs = [str(folder), str(first), str(folder / ".." / "in" / "a.nxml")]
+    assert main(["curate", "pmc", "--input", *inputs, "--out", str(out)]) == 0
+    assert [json.loads(line)["pair_id"] for line in out.read_text().splitlines()] == ids
+    assert capsys.readouterr().err == ""
+    # The same article copied under another name: its figures are left out, named with both files.
+    copy = _write(folder, "b.nxml", ARTICLE.replace("Axial CT.", "Axial CT, copied."))
+    assert main(["curate", "pmc", "--input", str(folder), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["pair_id"] for r in rows] == ids and rows[3]["caption"] == "Axial CT."
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"curate pmc: {copy}: pair_id {pair_id!r} repeats the one from {first}; left out" for pair_id in ids
+    ]
+    assert captured.out == f"5 figures from 1 articles -> {out}; 5 repeated pair ids left out\n"
+    # Used as a library, the repeats are warnings.
+    with pytest.warns(UserWarning) as caught:
+        records, errors = pmc.parse_files([folder])
+    assert [str(w.message) for w in caught] == [
+        line.removeprefix("curate pmc: ") for line in captured.err.splitlines()
+    ]
+    assert [r.pair_id for r in records] == ids and errors == []
