@@ -1,13 +1,18 @@
-"""Which packed rows make each optimizer step, and which rank runs which row.
+"""Which samples make each optimizer step, how they are packed into rows, and which rank runs which row.
 
 Every rank computes the same plan from the same lengths and seed, so no data indices travel between
-processes. Per epoch: shuffle the samples, pack them into rows under the token budget (C++ packer), shuffle
-the rows; then cut the row sequence into steps: a step is the shortest run of rows that holds at least
-``global_batch_size`` samples and whose row count is a multiple of ``rows_multiple`` (the data-parallel
-size, so that every rank runs the same number of micro-batches — ZeRO-3 gathers parameters collectively
-in every forward). Rows left at the end of an epoch that cannot fill a multiple of ``rows_multiple`` are
-dropped (at most ``rows_multiple - 1`` rows per epoch; none in one process). Rank ``r`` runs rows
+processes. Per epoch: shuffle the samples, and cut the order into steps of exactly ``global_batch_size``
+samples (the last step of an epoch holds the rest), so that the batch the recipes' learning rates were
+tuned for is the batch that trains, whatever the number of processes. A step's samples are then packed
+into the fewest rows under the token budget whose count is a multiple of ``rows_multiple`` (the
+data-parallel size: every rank runs the same number of micro-batches, as ZeRO-3 gathers parameters
+collectively in every forward), balanced: longest first, each into the row with the fewest tokens so far,
+so that no rank waits long for another. A row may stay empty when a step has fewer samples than rows (an
+epoch's last step); it runs as a one-token placeholder with nothing supervised. Rank ``r`` runs rows
 ``r, r + world, ...`` of each step.
+
+With many processes, a step's rows are less full than the budget (a step of 128 samples of ~600 tokens
+on 8 ranks with an 8,192-token budget is 16 rows of ~4,800 tokens); a smaller budget fills them better.
 
 Loss normalisation: the loss of a step is the mean over the supervised tokens of the whole global batch
 (all micro-batches, all ranks): each micro-batch contributes its summed token losses divided by the
@@ -17,12 +22,15 @@ in a single big padded batch, and the result does not depend on how samples fall
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from llavamed_fast.data.packing import PackedBatchSampler
+# Bumped whenever the plan of the same data and seed changes: a checkpoint inside a stage is only valid
+# with the plan that wrote it (its step count says how far into *that* plan the stage got).
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,20 +55,35 @@ def plan_epoch(
     seed: int,
     epoch: int,
 ) -> list[Step]:
-    sampler = PackedBatchSampler(lengths, budget, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    rows = list(sampler)
-    steps, current, samples = [], [], 0
-    for row in rows:
-        current.append(tuple(row))
-        samples += len(row)
-        if samples >= global_batch_size and len(current) % rows_multiple == 0:
-            steps.append(Step(epoch, tuple(current)))
-            current, samples = [], 0
-    keep = len(current) - len(current) % rows_multiple
-    if keep:
-        steps.append(Step(epoch, tuple(current[:keep])))
-    return steps
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    return [
+        Step(epoch, pack_step(order[start : start + global_batch_size], lengths, budget, rows_multiple))
+        for start in range(0, len(order), global_batch_size)
+    ]
+
+
+def pack_step(
+    indices: np.ndarray, lengths: np.ndarray, budget: int, rows_multiple: int
+) -> tuple[tuple[int, ...], ...]:
+    """One step's samples (dataset ``indices``) in the fewest rows of at most ``budget`` tokens whose
+    count is a multiple of ``rows_multiple``, balanced by longest-first into the least-filled row."""
+    sizes = lengths[indices]
+    if sizes.size and int(sizes.max()) > budget:
+        raise ValueError(f"a sample of {int(sizes.max())} tokens is longer than the {budget}-token budget")
+    longest_first = indices[np.argsort(-sizes, kind="stable")]
+    count = rows_multiple * max(1, math.ceil(int(sizes.sum()) / (rows_multiple * budget)))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        room = [(0, row) for row in range(count)]  # (tokens so far, row): a heap, least filled first
+        for index in longest_first:
+            filled, row = heapq.heappop(room)
+            if filled + int(lengths[index]) > budget:
+                break  # the least-filled row has no room, so none has: more rows
+            rows[row].append(int(index))
+            heapq.heappush(room, (filled + int(lengths[index]), row))
+        else:
+            return tuple(tuple(row) for row in rows)
+        count += rows_multiple
 
 
 def plan_stage(
@@ -90,8 +113,5 @@ def plan_stage(
         if max_steps and len(steps) >= max_steps:
             break
     if not steps:
-        raise ValueError(
-            f"the data gives no optimizer step: {len(lengths)} samples, global batch {global_batch_size}, "
-            f"{rows_multiple} rows per step at least"
-        )
+        raise ValueError("the stage's data holds no sample: no optimizer step to plan")
     return steps[:max_steps] if max_steps else steps

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llavamed_fast.data.durable import fsync_path, seal_tree
+from llavamed_fast.train.batches import PLAN_VERSION
 from llavamed_fast.train.dist import Dist
 
 MARKER = "COMPLETE"
@@ -39,6 +40,7 @@ class TrainerState:
     # The current stage's samples left out for bad images so far ([record, path, reason], all ranks), so
     # that the stage's end reports them after a resume too.
     skipped_samples: list[list[str]] = field(default_factory=list)
+    plan_version: int = PLAN_VERSION  # the step plan stage_step counts in (see batches.PLAN_VERSION)
 
 
 def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -121,6 +123,7 @@ def read_state(path: Path) -> TrainerState:
     record = json.loads((path / "trainer_state.json").read_text())
     record.pop("aliases", None)
     record.pop("world_size", None)
+    record.setdefault("plan_version", 1)  # written before the field: the first plan
     return TrainerState(**record)
 
 

@@ -25,7 +25,7 @@ from llavamed_fast.model.config import PRESETS
 from llavamed_fast.train import checkpoint as ckpt
 from llavamed_fast.train import dist as dist_mod
 from llavamed_fast.train import features
-from llavamed_fast.train.batches import Step, plan_stage
+from llavamed_fast.train.batches import PLAN_VERSION, Step, plan_stage
 from llavamed_fast.train.config import (
     RESUMABLE_DATA_FIELDS,
     RESUMABLE_RUN_FIELDS,
@@ -111,6 +111,21 @@ class Trainer:
         if self.checkpoint is not None:
             ckpt.check_world_size(self.checkpoint, dist, plan_follows_world_size=config.rows_multiple == 0)
             self.state = ckpt.read_state(self.checkpoint)
+            inside = self.state.stage_step > 0 and not self.state.stage_done
+            if inside and self.state.plan_version != PLAN_VERSION:
+                stage = config.stages[self.state.stage_index].name
+                raise ValueError(
+                    f"{self.checkpoint} is {self.state.stage_step} steps into stage {stage!r} of a step plan "
+                    f"this version does not make (plan {self.state.plan_version}, now {PLAN_VERSION}): its "
+                    "remaining steps would take other samples. Finish the stage with the version that wrote "
+                    "it, or train it again in another --out"
+                    + (
+                        f" (--start-stage {stage} --set model=<the export of the stage before>)"
+                        if self.state.stage_index
+                        else ""
+                    )
+                )
+            self.state.plan_version = PLAN_VERSION  # stages from here on are planned by this version
         else:
             first = config.stage_index(start_stage) if start_stage else 0
             if first > 0 and config.model in PRESETS:

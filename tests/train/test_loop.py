@@ -522,3 +522,20 @@ def test_sigint_stops_with_one_line_and_the_run_resumes(tmp_path):
     resumed = run(out, *overrides, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [s for s, _, _ in step_losses(out)] == list(range(1, 15))
+
+
+def test_a_checkpoint_inside_a_stage_of_another_step_plan_is_not_resumed(tmp_path):
+    """A checkpoint counts steps into the plan that wrote it; one from a plan this version does not make
+    (a checkpoint from before plan_version existed) would resume into other samples: refused, saying so."""
+    out = tmp_path / "run"
+    assert run(out, *SHORT, "inject_nan_at=[2]", "nan_limit=1").returncode == 3
+    state_file = out / "checkpoints" / "step-00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["plan_version"] == 2 and state["stage_step"] == 2
+    del state["plan_version"]
+    state_file.write_text(json.dumps(state))
+    refused = run(out, *SHORT, "inject_nan_at=[2]", "nan_limit=1", resume=True)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "is 2 steps into stage 'alignment' of a step plan this version does not make (plan 1, now 2)" in (
+        refused.stderr
+    )
