@@ -166,11 +166,25 @@ class StageConfig:
         _require(self.max_steps >= 0, "max_steps", ">= 0 (0: as many as the epochs give)", self.max_steps)
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        if self.trains_image_rows and self.weight_decay:
+            # The whole embedding matrix is in the optimizer with a gradient of 0 outside the two rows;
+            # decoupled decay would still shrink every other row.
+            raise ConfigError(
+                "weight_decay",
+                f"must be 0 when image_tokens trains only the <im_start>/<im_end> rows, got {self.weight_decay}",
+            )
         _require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "in [0, 1)", self.adam_betas)
         _require(self.adam_eps > 0, "adam_eps", "a positive number", self.adam_eps)
         # Both engines clip to it; the plain one would zero (0) or flip (< 0) the gradients.
         _require(self.max_grad_norm > 0, "max_grad_norm", "a positive number", self.max_grad_norm)
         _require(self.zero_stage in (0, 2, 3), "zero_stage", "0, 2 or 3", self.zero_stage)
+
+    @property
+    def trains_image_rows(self) -> bool:
+        """``image_tokens`` trains the two embedding rows alone: the LLM is not trained in full (frozen, or
+        only LoRA adapters, which do not reach the embedding)."""
+        full_llm = Trainable.LLM in self.trainable and self.lora is None
+        return Trainable.IMAGE_TOKENS in self.trainable and not full_llm
 
 
 @dataclass

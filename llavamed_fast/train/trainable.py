@@ -45,7 +45,7 @@ class StageParameters:
                         parameter.requires_grad_(True)
             else:
                 model.language_model.requires_grad_(True)
-        elif Trainable.IMAGE_TOKENS in trains:
+        if stage.trains_image_rows:  # also beside LoRA adapters, which leave the embedding frozen
             self._train_rows(image_token_ids(processor))
         model.set_vision_trainable(Trainable.VISION in trains)
 
