@@ -153,7 +153,10 @@ def test_join_names_missing_duplicate_and_extra_ids():
         {"question_id": "1", "answer": "yes", "answer_type": "CLOSED"},
         {"question_id": "2", "answer": "lung", "answer_type": "OPEN"},
     )
-    with pytest.raises(ScoringError, match="no prediction, first '2'"):
+    with pytest.raises(
+        ScoringError,
+        match="no prediction, first '2'; to score part of a split, export the references with the same --limit",
+    ):
         join(rows({"question_id": "1", "text": "yes"}), refs)
     with pytest.raises(ScoringError, match=r"file: line 2: question_id '1' appears twice in the predictions"):
         join(rows({"question_id": "1", "text": "yes"}, {"question_id": 1, "text": "no"}), refs)
