@@ -137,8 +137,8 @@ def _synthetic_curriculum(
 
 
 def tiny() -> RunConfig:
-    """Both stages on a tiny random-init model and synthetic scans, for tests and smoke runs: 40 optimizer
-    steps (27 + 13) in about 10 s on two CPU cores, a checkpoint every 10 steps."""
+    """Both stages on a tiny random-init model and synthetic scans, for tests and smoke runs: 48 optimizer
+    steps (32 + 16) in about 15 s on two CPU cores, a checkpoint every 10 steps."""
     base = _synthetic_curriculum(
         "tiny", captions=256, conversations=256, epochs=(2, 1), batch=16, micro_tokens=512
     )
