@@ -91,6 +91,14 @@ def _figure_policy(args: argparse.Namespace) -> FigurePolicy:
 def _curate_align(args: argparse.Namespace) -> int:
     from llavamed_fast.data import alignment
 
+    if args.images and args.image_name:
+        # --images keeps figures whose file 'curate images' saved, under its name; another name would
+        # point the records at files nobody checked.
+        print(
+            "curate align: --image-name cannot go with --images (the records name the fetched files)",
+            file=sys.stderr,
+        )
+        return 2
     records, skipped, errors = [], {}, []
     try:
         policy = _figure_policy(args)
@@ -102,7 +110,7 @@ def _curate_align(args: argparse.Namespace) -> int:
         for number, figure in figures:
             why = policy.reason(figure)
             if why is None and not (figure.get("caption") or "").strip():
-                why = "no caption"
+                why = "no_caption"
             if why is not None:
                 skipped[why] = skipped.get(why, 0) + 1
                 continue
@@ -119,9 +127,12 @@ def _curate_align(args: argparse.Namespace) -> int:
     # Selection reasons first, then images (named by their manifest status), then captions.
     order = ("licence", "domain", "compound")
     reasons = sorted(
-        skipped, key=lambda why: (order.index(why) if why in order else 3, why == "no caption", why)
+        skipped, key=lambda why: (order.index(why) if why in order else 3, why == "no_caption", why)
     )
-    left_out = ", ".join(f"{skipped[why]} {why.replace('image_', 'image ', 1)}" for why in reasons)
+    shown = {"no_caption": "no caption"}
+    left_out = ", ".join(
+        f"{skipped[why]} {shown.get(why, why.replace('image_', 'image ', 1))}" for why in reasons
+    )
     print(f"{len(records)} alignment records -> {args.out}" + (f"; left out: {left_out}" if left_out else ""))
     return 1 if errors else 0
 
@@ -336,9 +347,9 @@ def parser() -> argparse.ArgumentParser:
     images.add_argument("--concurrency", type=COUNT, default=8)
     images.add_argument("--timeout", type=ABOVE_ZERO, default=30.0, help="seconds per request")
     images.add_argument("--retries", type=NOT_NEGATIVE_INT, default=3)
-    images.add_argument(
-        "--licence", default="any-including-unknown", choices=("commercial", "any", "any-including-unknown")
-    )
+    from llavamed_fast.data.selection import LICENCE_POLICIES
+
+    images.add_argument("--licence", default="any-including-unknown", choices=LICENCE_POLICIES)
     images.set_defaults(run=_curate_images)
 
     numbers = steps.add_parser("stats", help="statistics of a curated set: a table, stats.json and stats.png")

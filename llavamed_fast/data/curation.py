@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed_fast.data import instruct
-from llavamed_fast.data.alignment import check_figure, read_jsonl
+from llavamed_fast.data.alignment import unique_figures
 from llavamed_fast.data.durable import write_atomic
 from llavamed_fast.data.ledger import Ledger, request_key
 from llavamed_fast.data.selection import FigurePolicy
@@ -96,24 +96,24 @@ def curate_instruct(
     policy = policy if policy is not None else FigurePolicy()
     counts: Counter[str] = Counter()
     selected: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for number, figure in read_jsonl(figures):
-        try:
-            check_figure(figure)
-        except ValueError as error:
-            print(f"curate instruct: skipped {figures}: line {number}: {error}", file=sys.stderr)
-            counts["invalid_record"] += 1
-            continue
-        if not (figure.get("caption") or "").strip() or not figure.get("pair_id"):
-            counts["no_caption"] += 1
-            continue
-        if figure["pair_id"] in seen:  # each figure once in the output
-            counts["duplicate_pair_id"] += 1
-            continue
-        seen.add(figure["pair_id"])
+
+    def invalid(text: str) -> None:
+        print(f"curate instruct: skipped {text}", file=sys.stderr)
+        counts["invalid_record"] += 1
+
+    def repeat(text: str) -> None:
+        counts["duplicate_pair_id"] += 1
+
+    # The order align uses (first record of a pair id, the figure policy, then the caption), so that both
+    # keep the same figures and count each left-out one under the same reason.
+    for _, figure in unique_figures(figures, invalid=invalid, repeat=repeat):
         # Before paying the teacher: a figure align would leave out (licence, modality, no image) is not
         # asked about.
         left_out = policy.reason(figure)
+        if left_out is None and not (figure.get("caption") or "").strip():
+            left_out = "no_caption"
+        if left_out is None and not figure.get("pair_id"):
+            left_out = "no_pair_id"  # the ledger and the output need it
         if left_out is not None:
             counts[left_out] += 1
             continue

@@ -156,10 +156,17 @@ def answered_ids(
             wanted = {"model_id": config.model_id, **config.recorded()}
             for name, value in wanted.items():
                 if recorded[name] != value:
+                    # Same checkpoint, another name (an id given by hand, or the folder-name default of
+                    # older versions): the user can say so.
+                    same = (
+                        f" or pass --model-id {recorded[name]!r} if it is the same model,"
+                        if name == "model_id"
+                        else ""
+                    )
                     raise AnswerFileError(
                         f"{where}: question {question_id} was answered with {name} {recorded[name]!r}, this "
-                        f"run asks for {value!r}; answer into another --out (or delete this file to start "
-                        "again)"
+                        f"run asks for {value!r}; answer into another --out{same} (or delete this file to "
+                        "start again)"
                     )
             if prompts is not None and question_id in prompts and row.get("prompt") != prompts[question_id]:
                 raise AnswerFileError(

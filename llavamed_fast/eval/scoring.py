@@ -132,8 +132,13 @@ def join(
         raise ScoringError(
             f"{len(missing)} reference question(s) have no prediction, first {missing[0]!r}"
             + (f" (and {', '.join(map(repr, missing[1:4]))}…)" if len(missing) > 1 else "")
-            # The usual cause: a partial answer run (eval answer --limit) scored against the whole split.
-            + ("; to score part of a split, export the references with the same --limit" if preds else "")
+            # A partial answer file: an unfinished run, or one with --limit scored against the whole split.
+            + (
+                "; finish the answer run (it resumes), or, to score part of a split, export the references "
+                "with the same --limit"
+                if preds
+                else ""
+            )
         )
     if extra:
         raise ScoringError(f"{len(extra)} prediction(s) answer no reference question, first {extra[0]!r}")

@@ -301,11 +301,12 @@ def checkpoint_name(path: str | os.PathLike) -> str:
     """A short name for a checkpoint, for answer files and the served model's id: its folder's name, except
     for a training run's exports, whose folder names repeat in every run (``RUN/model`` is ``RUN``,
     ``RUN/stages/NAME`` is ``RUN-NAME``), so that two runs' answers never share a model id."""
-    path = Path(path)
+    given = Path(path)
+    path = given.absolute()  # "model" from inside the run folder names the run too
     run = path.parent.parent if path.parent.name == "stages" else path.parent
     is_run = (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
     if is_run and path.parent.name == "stages":
         return f"{run.name}-{path.name}"
     if is_run and path.name == "model":
         return run.name
-    return path.name
+    return path.name or given.name

@@ -88,7 +88,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--template", help=TEMPLATE_HELP)
     chat.add_argument("--device", help="default: cuda if available, else cpu")
     chat.add_argument("--dtype", choices=DTYPES)
-    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--max-tokens", type=COUNT, default=512)
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.set_defaults(run=_chat)

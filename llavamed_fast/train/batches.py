@@ -7,8 +7,10 @@ tuned for is the batch that trains, whatever the number of processes. A step's s
 into the fewest rows under the token budget whose count is a multiple of ``rows_multiple`` (the
 data-parallel size: every rank runs the same number of micro-batches, as ZeRO-3 gathers parameters
 collectively in every forward), balanced: longest first, each into the row with the fewest tokens so far,
-so that no rank waits long for another. A row may stay empty when a step has fewer samples than rows (an
-epoch's last step); it runs as a one-token placeholder with nothing supervised. Rank ``r`` runs rows
+so that no rank waits long for another. A row may stay empty (an epoch's last step with fewer samples than
+rows, or samples too long to share rows evenly); it runs as a one-token placeholder with nothing
+supervised. A global batch smaller than ``rows_multiple`` would leave ranks idle at every step, so it is
+refused. Rank ``r`` runs rows
 ``r, r + world, ...`` of each step.
 
 With many processes, a step's rows are less full than the budget (a step of 128 samples of ~600 tokens
@@ -98,6 +100,11 @@ def plan_stage(
 ) -> list[Step]:
     """All optimizer steps of a stage: whole epochs, then the first part of the last one for a fractional
     ``epochs``; capped at ``max_steps`` when positive."""
+    if global_batch_size < rows_multiple:
+        raise ValueError(
+            f"a global batch of {global_batch_size} samples cannot give each of {rows_multiple} processes a "
+            "sample: raise global_batch_size or use fewer processes"
+        )
     steps: list[Step] = []
     for epoch in range(math.ceil(epochs)):
         planned = plan_epoch(

@@ -137,17 +137,16 @@ def saved_world_size(path: Path) -> int:
 
 def check_world_size(path: Path, dist: Dist, *, plan_follows_world_size: bool) -> None:
     """Refuse to resume checkpoint ``path`` with another number of processes than wrote it: each rank's
-    RNG state and ZeRO optimizer partition are saved per rank, and with ``rows_multiple=0`` the steps'
-    composition follows the number of processes."""
+    RNG state and ZeRO optimizer partition are saved per rank, and with ``rows_multiple=0`` the rows a step
+    is packed into follow the number of processes (its samples do not)."""
     saved = saved_world_size(path)
     if saved == dist.world_size:
         return
     changes = ["each process's random state (dropout) and ZeRO optimizer partition are saved per process"]
     if plan_follows_world_size:
-        changes.insert(
-            0,
-            "rows per step are a multiple of the number of processes (rows_multiple=0), so the remaining "
-            "steps would hold other samples and their number would change",
+        changes.append(
+            "a step's samples are packed into a multiple of the number of processes of rows "
+            "(rows_multiple=0), so the rows would differ"
         )
     raise ValueError(
         f"{path} was written by {saved} process(es) and this run has {dist.world_size}: resume it with "

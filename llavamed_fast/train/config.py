@@ -93,7 +93,7 @@ class DataConfig:
                 raise ConfigError(
                     key,
                     f"is set, but kind is {self.kind.value!r} ({why}), so it would be ignored; to train on a "
-                    "LLaVA JSON file also set this stage's data.kind=llava_json",
+                    f"LLaVA JSON file also set this stage's data.kind=llava_json, else clear it ({key}=)",
                 )
         _require(count > 0 or (count == 0 and not synthetic), "synthetic_count", "positive", count)
         _require(self.synthetic_seed >= 0, "synthetic_seed", ">= 0", self.synthetic_seed)

@@ -25,10 +25,10 @@ def stage_dataset(data: DataConfig, processor, run_dir: Path, dist: Dist) -> Lla
     if data.bad_images == "raise":
         missing = dataset.missing_images()
         if missing:
-            shown = "; ".join(f"record {record}: {file.name}" for record, file in missing[:5])
+            shown = "; ".join(f"record {record}: {file.relative_to(images)}" for record, file in missing[:5])
             manifest = images / "manifest.jsonl"
             raise RecordError(
-                f"{len(missing)} of the images {path} names are not in {images} ({shown}"
+                f"{len(missing)} image(s) that {path} names are not in {images} ({shown}"
                 + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
                 + ")"
                 + (f"; {manifest} says why each could not be fetched" if manifest.is_file() else "")

@@ -108,6 +108,9 @@ def test_align_keeps_only_figures_whose_image_was_fetched(tmp_path, fetched, cap
     assert json.loads(capsys.readouterr().out)["skipped"] == 1
     assert main(align) == 0
     assert [r["id"] for r in json.loads(out.read_text())] == ["1_a", "1_f"]
+    # Records name the fetched files: another name (--image-name) would point at files nobody checked.
+    assert main([*align, "--image-name", "{graphic}.jpg"]) == 2
+    assert "--image-name cannot go with --images" in capsys.readouterr().err
 
 
 def test_instruct_asks_the_teacher_only_about_figures_with_an_image(tmp_path, fetched, key, capsys):
@@ -212,6 +215,31 @@ def test_instruct_selects_the_figures_align_selects(tmp_path, key, capsys, optio
         assert sorted(server.attempts) == sorted(pair_id[2:] for pair_id in kept)  # only these were paid for
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["filters"] == left_out
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == kept
+
+
+def test_align_and_instruct_leave_out_the_same_figures_for_the_same_reasons(tmp_path, key, capsys):
+    """The first record of a pair id counts, whatever comes after it; the policy goes before the caption."""
+    rows = [
+        _figure("r", "r", CC_BY, caption=""),  # the first 1_r: no caption, so 1_r is left out...
+        _figure("r", "r", CC_BY),  # ...and this repeat does not bring it back
+        _figure("x", "x", CC_BY_NC, caption=""),  # counted under its licence, the first reason
+        _figure("k", "k", CC_BY),
+    ]
+    source, align_out = _write_jsonl(tmp_path / "figures.jsonl", rows), tmp_path / "align.json"
+    options = ["--licence", "commercial"]
+    assert main(["curate", "align", "--input", str(source), "--out", str(align_out), *options]) == 0
+    assert capsys.readouterr().out.endswith("; left out: 1 licence, 1 no caption\n")
+    assert [r["id"] for r in json.loads(align_out.read_text())] == ["1_k"]
+    out = tmp_path / "conversations.jsonl"
+    with FakeTeacher() as server:
+        code = main(
+            ["curate", "instruct", "--input", str(source), "--out", str(out), "--model", "teacher-test",
+             "--base-url", server.base_url, "--no-progress", *options]
+        )  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        assert sorted(server.attempts) == ["k"]
+    filters = json.loads(capsys.readouterr().out.splitlines()[-1])["filters"]
+    assert filters == {"duplicate_pair_id": 1, "licence": 1, "no_caption": 1}
 
 
 def test_dropped_figures_are_named_with_their_reason(tmp_path, key):

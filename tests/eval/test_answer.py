@@ -139,7 +139,12 @@ def test_a_resumed_answer_file_must_have_been_made_with_the_same_settings(tmp_pa
         with pytest.raises(
             AnswerFileError,
             match=rf"answers.jsonl: line 1: question {first} was answered with {name} {old!r}, this run asks "
-            rf"for {new!r}; answer into another --out",
+            rf"for {new!r}; answer into another --out"
+            + (
+                rf" or pass --model-id {old!r} if it is the same model, \(or"
+                if name == "model_id"
+                else r" \(or"
+            ),
         ):
             answer_questions(model, processor, items, out, changed)
         assert out.read_text() == before, name  # nothing answered, nothing lost

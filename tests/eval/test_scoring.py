@@ -155,7 +155,7 @@ def test_join_names_missing_duplicate_and_extra_ids():
     )
     with pytest.raises(
         ScoringError,
-        match="no prediction, first '2'; to score part of a split, export the references with the same --limit",
+        match="no prediction, first '2'; finish the answer run \\(it resumes\\), or, to score part of a split, export the references with the same --limit",
     ):
         join(rows({"question_id": "1", "text": "yes"}), refs)
     with pytest.raises(ScoringError, match=r"file: line 2: question_id '1' appears twice in the predictions"):

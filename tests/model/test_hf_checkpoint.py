@@ -203,7 +203,7 @@ def test_loaded_model_keeps_vision_frozen(tmp_path):
     assert all(p.requires_grad for p in loaded.language_model.parameters())
 
 
-def test_checkpoint_names_tell_runs_apart(tmp_path):
+def test_checkpoint_names_tell_runs_apart(tmp_path, monkeypatch):
     from llavamed_fast.model.checkpoint import checkpoint_name
 
     run = tmp_path / "v15-rad"
@@ -216,4 +216,9 @@ def test_checkpoint_names_tell_runs_apart(tmp_path):
     assert checkpoint_name(f"{run / 'model'}/") == "v15-rad"
     assert checkpoint_name(run / "stages" / "instruct") == "v15-rad-instruct"
     assert checkpoint_name(tmp_path / "ckpt") == "ckpt"
+    monkeypatch.chdir(run)  # relative paths from inside the run folder
+    assert (checkpoint_name("model"), checkpoint_name("./model")) == ("v15-rad", "v15-rad")
+    assert checkpoint_name("stages/instruct") == "v15-rad-instruct"
+    monkeypatch.chdir(run / "model")
+    assert checkpoint_name(".") == "v15-rad"
     assert checkpoint_name("microsoft/llava-med-v1.5-mistral-7b") == "llava-med-v1.5-mistral-7b"

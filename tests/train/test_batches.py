@@ -50,5 +50,7 @@ def test_epochs_reshuffle_and_a_short_last_step_gets_empty_rows():
     assert sorted(first) == sorted(second) == list(range(70)) and first != second
     last = plan[2].rows
     assert len(last) == 8 and sum(1 for row in last if not row) == 2  # six samples, eight ranks
+    with pytest.raises(ValueError, match="a global batch of 4 samples cannot give each of 8 processes"):
+        plan_stage(lengths, budget=8192, global_batch_size=4, rows_multiple=8, seed=0, epochs=1)
     with pytest.raises(ValueError, match="longer than the 1000-token budget"):
         plan_stage(np.array([500, 1200]), budget=1000, global_batch_size=2, rows_multiple=1, seed=0, epochs=1)

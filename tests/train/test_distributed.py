@@ -348,9 +348,9 @@ def test_rows_without_images_or_samples_keep_ranks_in_step(tmp_path, vqa_rad_ima
 
 
 def test_resume_refuses_another_number_of_processes(tmp_path: Path) -> None:
-    """Each rank's RNG state (and ZeRO partition) is saved per rank and, with rows_multiple=0, the step
-    plan follows the number of processes: a checkpoint resumes only with the number that wrote it. The
-    refusal says so and leaves the run as it was."""
+    """Each rank's RNG state (and ZeRO partition) is saved per rank and, with rows_multiple=0, the rows a
+    step is packed into follow the number of processes: a checkpoint resumes only with the number that
+    wrote it. The refusal says so and leaves the run as it was."""
     settings = ("nan_limit=1",)  # stops cleanly at the injected NaN of step 6, after its checkpoint
     for written, resumed in ((2, 1), (1, 2)):
         run = tmp_path / f"from{written}"

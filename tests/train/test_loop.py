@@ -430,7 +430,7 @@ def test_bad_input_is_a_one_line_error_and_the_fixed_command_starts_afresh(tmp_p
     result = run(out, *data(no_image), resume=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.endswith(
-        f"error: 1 of the images {no_image} names are not in {tmp_path} (record r1: gone.png); provide them, "
+        f"error: 1 image(s) that {no_image} names are not in {tmp_path} (record r1: gone.png); provide them, "
         "or set this stage's data.bad_images=skip to train without those samples (in stage 'alignment')\n"
     )
 
