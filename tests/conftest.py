@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 def shared_data() -> Path:
     """The real datasets: ``$LLAVAMED_SHARED_DATA``, default ``../shared/data`` next to the checkout."""
     return Path(os.environ.get("LLAVAMED_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT. A child of a background job inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt; Ctrl-C at a terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def force_token(model, token_id: int, instead_of: int) -> None:

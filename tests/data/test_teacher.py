@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import default_sigint
 from fake_teacher import API_KEY, FakeTeacher, figures
 
 from llavamed_fast.data import instruct
@@ -163,7 +164,13 @@ def _slow_instruct_run(tmp_path, server, count: int, replies_before: int, **pope
     ]  # fmt: skip
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     child = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+        command,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
+        **popen,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (

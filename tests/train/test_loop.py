@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_sigint
 from safetensors.torch import load_file
 
 from llavamed_fast.data.packing import collate
@@ -63,6 +64,7 @@ def start(out: Path, *overrides: str, log: Path) -> subprocess.Popen:
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             cwd=out.parent,
+            preexec_fn=default_sigint,  # the SIGINT test's signal must reach Python
         )
 
 
