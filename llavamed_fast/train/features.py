@@ -5,7 +5,8 @@ three times per image. With ``feature_cache`` on, a stage first computes every d
 (the tower's ``vision_feature_layer`` without CLS, exactly what :meth:`LlavaMed.image_features` returns)
 into ``<run>/features/<key>/features.bin``, a raw array ``[images, P, C]`` in the features' dtype, and
 then serves samples with ``image_features`` instead of pixels. The key hashes the vision weights, the
-image processor and the image list, so a changed model or dataset never reads stale features.
+image processor, the image list and the precision (dtype, autocast), so a changed model, dataset or
+precision never reads stale features.
 
 Ranks split the images, write disjoint slices of the same file, and meet at a barrier; a ``COMPLETE``
 marker makes a half-written cache invisible. Images that cannot be read are left out and their samples
@@ -30,8 +31,8 @@ from llavamed_fast.data.packing import Sample
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 as raw bits
 
 
-def _key(model, dataset: LlavaJsonDataset, paths: list[str]) -> str:
-    digest = hashlib.sha256()
+def _key(model, dataset: LlavaJsonDataset, paths: list[str], precision: str) -> str:
+    digest = hashlib.sha256(precision.encode())  # features made under autocast differ from float32 ones
     for name, tensor in model.vision_tower.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -85,7 +86,6 @@ def build(
         with torch.autocast("cuda", dtype=autocast):
             return build(model, dataset, root, dist, batch_size=batch_size)
     paths = sorted({str(p) for i in range(len(dataset)) for p in dataset.image_paths(i)})
-    folder = root / _key(model, dataset, paths)
     index = {path: i for i, path in enumerate(paths)}
     device = next(model.parameters()).device
     probe = model.image_features(
@@ -97,6 +97,9 @@ def build(
         )
     )
     shape, dtype = (len(paths), *probe.shape[1:]), probe.dtype
+    # Under autocast the tower's matmuls run in lower precision, whatever dtype its output has.
+    precision = str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else ""
+    folder = root / _key(model, dataset, paths, f"{dtype} {precision}")
     if not (folder / "COMPLETE").exists():
         if dist.is_main:
             folder.mkdir(parents=True, exist_ok=True)

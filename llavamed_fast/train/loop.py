@@ -264,7 +264,8 @@ class Trainer:
                 f"{int(dataset.lengths[first])} tokens; raise it (--set stages.{stage.name}.micro_batch_tokens=N)"
             )
         if config.feature_cache and Trainable.VISION not in stage.trainable:
-            autocast = self.dtype if dist.device.type == "cuda" and stage.zero_stage == 0 else None
+            # As both engines run the frozen tower on GPUs, so that cached features equal live ones.
+            autocast = self.dtype if dist.device.type == "cuda" and self.dtype != torch.float32 else None
             dataset = features.build(self.model, dataset, self.run_dir / "features", dist, autocast=autocast)
         plan = plan_stage(
             dataset.lengths,
