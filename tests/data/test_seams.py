@@ -188,6 +188,19 @@ SELECTION = [
 ]
 
 
+def _instruct(source, out, options, capsys) -> tuple[Counter, dict]:
+    """``curate instruct`` with ``options`` against a fake teacher: the teacher's attempts per figure and
+    the run's summary."""
+    with FakeTeacher() as server:
+        code = main(
+            ["curate", "instruct", "--input", str(source), "--out", str(out), "--model", "teacher-test",
+             "--base-url", server.base_url, "--no-progress", *options]
+        )  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        attempts = Counter(server.attempts)
+    return attempts, json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
 @pytest.mark.parametrize(
     ("options", "kept", "left_out"),
     [
@@ -206,14 +219,9 @@ def test_instruct_selects_the_figures_align_selects(tmp_path, key, capsys, optio
     assert [r["id"] for r in json.loads(align_out.read_text())] == kept
     reasons = ", ".join(f"{count} {why}" for why, count in left_out.items())
     assert capsys.readouterr().out.endswith(f"; left out: {reasons}\n" if left_out else f"{align_out}\n")
-    with FakeTeacher() as server:
-        code = main(
-            ["curate", "instruct", "--input", str(source), "--out", str(out), "--model", "teacher-test",
-             "--base-url", server.base_url, "--no-progress", *options]
-        )  # fmt: skip
-        assert code == 0, capsys.readouterr().err
-        assert sorted(server.attempts) == sorted(pair_id[2:] for pair_id in kept)  # only these were paid for
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["filters"] == left_out
+    attempts, summary = _instruct(source, out, options, capsys)
+    assert sorted(attempts) == sorted(pair_id[2:] for pair_id in kept)  # only these were paid for
+    assert summary["filters"] == left_out
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == kept
 
 
@@ -231,15 +239,9 @@ def test_align_and_instruct_leave_out_the_same_figures_for_the_same_reasons(tmp_
     assert capsys.readouterr().out.endswith("; left out: 1 licence, 1 no caption\n")
     assert [r["id"] for r in json.loads(align_out.read_text())] == ["1_k"]
     out = tmp_path / "conversations.jsonl"
-    with FakeTeacher() as server:
-        code = main(
-            ["curate", "instruct", "--input", str(source), "--out", str(out), "--model", "teacher-test",
-             "--base-url", server.base_url, "--no-progress", *options]
-        )  # fmt: skip
-        assert code == 0, capsys.readouterr().err
-        assert sorted(server.attempts) == ["k"]
-    filters = json.loads(capsys.readouterr().out.splitlines()[-1])["filters"]
-    assert filters == {"duplicate_pair_id": 1, "licence": 1, "no_caption": 1}
+    attempts, summary = _instruct(source, out, options, capsys)
+    assert sorted(attempts) == ["k"]
+    assert summary["filters"] == {"duplicate_pair_id": 1, "licence": 1, "no_caption": 1}
 
 
 def test_dropped_figures_are_named_with_their_reason(tmp_path, key):
