@@ -166,13 +166,6 @@ class StageConfig:
         _require(self.max_steps >= 0, "max_steps", ">= 0 (0: as many as the epochs give)", self.max_steps)
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)", self.warmup_ratio)
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        if self.trains_image_rows and self.weight_decay:
-            # The whole embedding matrix is in the optimizer with a gradient of 0 outside the two rows;
-            # decoupled decay would still shrink every other row.
-            raise ConfigError(
-                "weight_decay",
-                f"must be 0 when image_tokens trains only the <im_start>/<im_end> rows, got {self.weight_decay}",
-            )
         _require(all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "in [0, 1)", self.adam_betas)
         _require(self.adam_eps > 0, "adam_eps", "a positive number", self.adam_eps)
         # Both engines clip to it; the plain one would zero (0) or flip (< 0) the gradients.

@@ -265,7 +265,7 @@ class DeepSpeedEngine:
         # DeepSpeed's bf16/fp16 cast replaces the parameters' data; these references keep the fp32 values
         # alive until they seed the master weights.
         fp32 = {id(p): p.detach() for p in parameters} if dtype != torch.float32 else {}
-        groups = [g for g in parameter_groups(parameters, stage.weight_decay) if g["params"]]
+        groups = [g for g in parameter_groups(parameters, stage, model) if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.adam_betas, eps=stage.adam_eps)
         config = deepspeed_config(stage, dtype=dtype, hidden_size=model.language_model.config.hidden_size)
         self.ds, _, _, _ = deepspeed.initialize(

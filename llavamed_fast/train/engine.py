@@ -65,10 +65,17 @@ def set_peak_lr(
     scheduler.load_state_dict(state)
 
 
-def parameter_groups(parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms or (1-D) scales, as transformers' Trainer does."""
-    decay = [p for p in parameters if p.dim() >= 2]
-    other = [p for p in parameters if p.dim() < 2]
+def parameter_groups(
+    parameters: list[torch.nn.Parameter], stage: StageConfig, model: torch.nn.Module
+) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms or (1-D) scales, as transformers' Trainer does;
+    nor on the embedding when the stage trains only its image-token rows (decay would move the others)."""
+    exempt = set()
+    if stage.trains_image_rows and stage.weight_decay:
+        exempt.add(id(model.language_model.get_input_embeddings().weight))
+    decay = [p for p in parameters if p.dim() >= 2 and id(p) not in exempt]
+    other = [p for p in parameters if p.dim() < 2 or id(p) in exempt]
+    weight_decay = stage.weight_decay
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
@@ -102,7 +109,7 @@ class PlainEngine:
             else model
         )
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(parameters, stage.weight_decay),
+            parameter_groups(parameters, stage, model),
             lr=stage.lr,
             betas=stage.adam_betas,
             eps=stage.adam_eps,

@@ -4,10 +4,11 @@ Everything is frozen first, then each group the stage names is unfrozen:
 
 - ``projector``: the multi-modal projector;
 - ``image_tokens``: the embedding rows of ``<im_start>``/``<im_end>`` (v0) and nothing else of the LLM.
-  The embedding matrix becomes trainable with a gradient hook that zeroes every other row, so with no
-  weight decay the other rows never move (AdamW's update of a parameter whose gradients are all zero is
-  zero). The optimizer then holds state for the whole matrix, as LLaVA does; a stage that also trains
-  the LLM needs no hook;
+  The embedding matrix becomes trainable with a gradient hook that zeroes every other row, so the other
+  rows never move (AdamW's update of a parameter whose gradients are all zero is zero; the engines keep
+  the matrix out of weight decay, which would shrink them). The optimizer holds state for the whole
+  matrix, as LLaVA does. A stage that trains the whole LLM needs no hook; one that trains LoRA adapters
+  does, as they do not reach the embedding;
 - ``llm``: the language model, or only LoRA adapters when the stage has a LoRA config;
 - ``vision``: the vision tower (then also run with gradients).
 """
