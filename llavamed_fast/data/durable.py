@@ -22,21 +22,28 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     fsync_path(path.parent)  # the rename itself
 
 
-def read_log(path: str | os.PathLike[str]) -> tuple[list[str], int]:
-    """The complete lines of an append-only log and how many bytes of a cut last line were removed from
-    the file (a crash mid-write), so that the next append starts on a fresh line. Lines are split on
-    ``"\\n"`` only: ``str.splitlines`` would also break at U+2028, U+0085 ... inside a value."""
+def complete_lines(path: str | os.PathLike[str]) -> tuple[list[str], int]:
+    """The complete lines of an append-only log, and how many bytes follow the last newline (a line cut by
+    a crash mid-write, which decided nothing), leaving the file as it is. Lines are split on ``"\\n"``
+    only: ``str.splitlines`` would also break at U+2028, U+0085 ... inside a value."""
     path = Path(path)
     if not path.exists():
         return [], 0
     data = path.read_bytes()
     complete = data.rfind(b"\n") + 1
-    if complete < len(data):
+    return data[:complete].decode("utf-8").split("\n")[:-1], len(data) - complete
+
+
+def read_log(path: str | os.PathLike[str]) -> tuple[list[str], int]:
+    """:func:`complete_lines` for the log's writer: a cut last line is also removed from the file, so that
+    the next append starts on a fresh line."""
+    lines, cut = complete_lines(path)
+    if cut:
         with open(path, "r+b") as handle:
-            handle.truncate(complete)
+            handle.truncate(Path(path).stat().st_size - cut)
             handle.flush()
             os.fsync(handle.fileno())
-    return data[:complete].decode("utf-8").split("\n")[:-1], len(data) - complete
+    return lines, cut
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:

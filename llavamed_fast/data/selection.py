@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llavamed_fast.data.durable import complete_lines
+
 DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
 
 ModalityTagger = Callable[[str], Mapping[str, bool]]
@@ -150,19 +152,15 @@ class ImageManifest:
                 "the folder it wrote"
             )
         self.entries: dict[str, dict[str, Any]] = {}
-        data = self.path.read_bytes()
-        lines = data.decode("utf-8").split("\n")
+        # Complete lines only: a last line without its newline was cut when 'curate images' was killed,
+        # decided nothing (that step drops it on its next run), so its figure counts as not fetched yet.
+        lines, _ = complete_lines(self.path)
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
-                if number == len(lines):
-                    # The last line without its newline: 'curate images' was killed while writing it. It
-                    # decided nothing (the images step drops such a line on its next run), so that figure
-                    # counts as not fetched yet.
-                    continue
                 raise ValueError(f"{self.path}: line {number}: not JSON: {error.msg}") from None
             if not isinstance(entry, dict):
                 raise ValueError(

@@ -75,8 +75,7 @@ def parameter_groups(
         exempt.add(id(model.language_model.get_input_embeddings().weight))
     decay = [p for p in parameters if p.dim() >= 2 and id(p) not in exempt]
     other = [p for p in parameters if p.dim() < 2 or id(p) in exempt]
-    weight_decay = stage.weight_decay
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": stage.weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
 class PlainEngine:
