@@ -547,7 +547,8 @@ def main() -> None:
     args.step_samples = step_samples = args.step_samples or args.samples
     variants = ("v0", "v1.5") if args.variant == "both" else (args.variant,)
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
-    rows, headline, failures = [], {"layers": args.layers, "samples_per_step": step_samples}, []
+    headline = {"layers": args.layers, "samples_per_step": step_samples, "budget": args.budget}
+    rows, failures = [], []
     if device.type == "cuda":
         warm_device(device)  # clocks up before the first configuration, which is timed like the others
         headline["measured_gemm_tflops"] = round(measured_gemm_tflops(device), 1)
@@ -559,7 +560,7 @@ def main() -> None:
         for stage in stages:
             items = make_samples(stage, args.samples, model, processor, seed=stage, smoke=args.smoke)
             real = sum(len(it.ids) for it in items)
-            base = {"variant": variant, "stage": stage}
+            base = {"variant": variant, "stage": stage, "budget": args.budget}
             key = f"{variant}_stage{stage}"
             ours = our_steps(model, items, args.budget, device, dtype, stage, step_samples)
             opt = optimizer_for(trainable(model, stage), device)

@@ -44,7 +44,8 @@ CASES = {
             for v in ("v0", "v1.5")
             for s in (1, 2)
             for k in ("tokens_per_s", "speedup_vs_baseline", "per_layer_ms")
-        },
+        }
+        | {"budget"},
     ),
 }
 
