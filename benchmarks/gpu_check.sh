@@ -9,6 +9,7 @@
 #   STAGES="build serve" bash benchmarks/gpu_check.sh           # serving alone
 #   STAGES="build train" bash benchmarks/gpu_check.sh           # the training step alone ("kernels": the rest)
 #   STAGES="build tune" bash benchmarks/gpu_check.sh            # attention tile sweep on stage 1's lengths
+#   STAGES="build recipe" bash benchmarks/gpu_check.sh          # the trainer's tiny recipe on the GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -84,6 +85,23 @@ if [[ " $stages " == *" benchmarks "* || " $stages " == *" train "* ]]; then
   # (v1.5 stage 2 with 12 layers: about 51 GB, from 20.6 GB at 4 layers and 40.8 GB at 8).
   # Each configuration's row is printed as it is measured, so a cut-short run keeps what it measured.
   run 330 "bench_train_step" $python benchmarks/bench_train_step.py --layers 4 --marginal-layers 12 --profile
+fi
+
+if [[ " $stages " == *" recipe "* ]]; then
+  # The trainer itself on the GPU (the CLI, the plain engine under bf16 autocast, checkpoints, the export):
+  # the tiny recipe's two stages; each stage's first and last step from its metrics.
+  recipe_out=$(mktemp -d)
+  run 150 "train --recipe tiny (CUDA)" $python -m llavamed_fast.train --recipe tiny --out "$recipe_out/run"
+  $python - "$recipe_out/run/metrics.jsonl" <<'PY' 2>&1 | tee -a "$log_file"
+import json, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if "step" in r and "loss" in r]
+for stage in dict.fromkeys(r["stage"] for r in steps):
+    rows = [r for r in steps if r["stage"] == stage]
+    for r in (rows[0], rows[-1]):
+        print("recipe", json.dumps({k: r.get(k) for k in ("stage", "step", "loss", "tokens_per_s", "mfu", "memory_bytes")}))
+PY
+  cp "$recipe_out/run/metrics.jsonl" "$results/recipe_tiny_metrics.jsonl" 2>/dev/null
+  rm -rf "$recipe_out"
 fi
 
 if [[ " $stages " == *" tune "* ]]; then
