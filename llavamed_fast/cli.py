@@ -34,6 +34,26 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from llavamed_fast.model.checkpoint import CheckpointError
+    from llavamed_fast.model.convert import convert_llava
+
+    try:
+        path = convert_llava(
+            args.source,
+            args.out,
+            vision=args.vision,
+            tokenizer=args.tokenizer,
+            template=args.template,
+            overwrite=args.overwrite,
+        )
+    except CheckpointError as error:
+        print(f"convert: {error}", file=sys.stderr)
+        return 2
+    print(f"converted {args.source} to {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from llavamed_fast.demo import run
 
@@ -274,6 +294,31 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", choices=DTYPES, default="float32")
     init.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
     init.set_defaults(run=_init)
+
+    convert = commands.add_parser(
+        "convert",
+        help="a checkpoint of LLaVA's original layout (the released LLaVA-Med v1.5) -> ours (HF LLaVA layout)",
+    )
+    convert.add_argument(
+        "source", help="the checkpoint's folder (config.json with mm_* fields, weights, tokenizer)"
+    )
+    convert.add_argument("--out", required=True, help="checkpoint directory to create")
+    convert.add_argument(
+        "--vision", default=None, metavar="DIR",
+        help="a CLIP checkpoint folder: the vision tower's config and weights, replacing any stored ones "
+        "(needed when the checkpoint holds no tower)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--tokenizer", default=None, metavar="DIR_OR_ID",
+        help="take the tokenizer from here instead (e.g. the base LLM's, when the checkpoint ships only a "
+        "SentencePiece model and sentencepiece is not installed)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--template", default=None,
+        help="chat template (default: mistral_instruct for llava_mistral; needed for other models)",
+    )  # fmt: skip
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
+    convert.set_defaults(run=_convert)
 
     demo = commands.add_parser(
         "demo",

@@ -21,10 +21,12 @@ here checks that ``linear_2`` is still the identity and drops it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from transformers import (
     CLIPVisionModel,
     GenerationConfig,
     LlavaConfig,
+    PretrainedConfig,
 )
 from transformers.initialization import no_init_weights
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -84,23 +87,43 @@ def _rename(name: str, table: list[tuple[str, str]], *, forward: bool) -> str | 
     return None
 
 
-def hf_config(model: LlavaMed) -> LlavaConfig:
-    text = model.language_model.config.to_dict()
-    linear = model.config.projector is ProjectorType.LINEAR
-    config = LlavaConfig(
-        vision_config=model.vision_tower.config.to_dict(),
-        text_config=text,
-        image_token_index=model.image_token_id,
-        image_seq_length=model.tokens_per_image,
+def llava_config(
+    config: ModelConfig,
+    vision: PretrainedConfig,
+    text: PretrainedConfig,
+    *,
+    image_token_id: int,
+    tokens_per_image: int,
+    dtype: torch.dtype,
+) -> LlavaConfig:
+    """transformers' config for a model of ``config`` with these vision and text sub-configs."""
+    text_fields = text.to_dict()
+    linear = config.projector is ProjectorType.LINEAR
+    hf = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text_fields,
+        image_token_index=image_token_id,
+        image_seq_length=tokens_per_image,
         projector_hidden_act="linear" if linear else "gelu",
-        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy="default",
         multimodal_projector_bias=True,
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(text_fields.get("tie_word_embeddings", False)),
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
-    config.dtype = next(model.parameters()).dtype
-    return config
+    hf.architectures = ["LlavaForConditionalGeneration"]
+    hf.dtype = dtype
+    return hf
+
+
+def hf_config(model: LlavaMed) -> LlavaConfig:
+    return llava_config(
+        model.config,
+        model.vision_tower.config,
+        model.language_model.config,
+        image_token_id=model.image_token_id,
+        tokens_per_image=model.tokens_per_image,
+        dtype=next(model.parameters()).dtype,
+    )
 
 
 def hf_state_dict(model: LlavaMed) -> dict[str, torch.Tensor]:
@@ -122,43 +145,27 @@ def hf_state_dict(model: LlavaMed) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_pretrained(
-    model: LlavaMed,
-    processor: LlavaMedProcessor,
-    directory: str | os.PathLike,
-    *,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-) -> Path:
-    """Write a complete checkpoint. It is assembled in a temporary sibling directory and renamed into
-    place, so a crash never leaves a half-written checkpoint under ``directory``."""
+def check_target(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``directory`` as a Path, refused when it holds something and ``overwrite`` is not set."""
     target = Path(directory)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise CheckpointError(f"{target} exists and is not empty (pass overwrite=True to replace it)")
+    return target
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A checkpoint directory written in a temporary sibling and renamed into place when the block ends
+    without an error (sealed: readable by others and on disk first), so a crash never leaves a
+    half-written checkpoint under ``directory``; on an error the sibling is removed."""
+    target = check_target(directory, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its directories are 0700, and the staging directory becomes the checkpoint.
     # mkdir gives the permissions any new directory gets (0777 less the umask).
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     staging.mkdir()
     try:
-        state = {name: tensor.cpu() for name, tensor in hf_state_dict(model).items()}
-        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, staging / filename, metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
-            index["weight_map"] = split.tensor_to_filename
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config(model).save_pretrained(staging)
-        tokenizer = processor.tokenizer
-        GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ).save_pretrained(staging)
-        processor.save_pretrained(staging)
-        ours = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-        (staging / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+        yield staging
         seal_tree(staging)  # readable by others (safetensors writes 0600) and on disk before the rename
         if target.exists():
             shutil.rmtree(target)
@@ -167,7 +174,49 @@ def save_pretrained(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json`` of a sharded checkpoint."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_metadata(
+    directory: Path, hf: LlavaConfig, processor: LlavaMedProcessor, config: ModelConfig
+) -> None:
+    """Everything but the weights: transformers' config, generation config, processor and ours."""
+    hf.save_pretrained(directory)
+    tokenizer = processor.tokenizer
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    ours = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
+    (directory / OUR_CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+
+
+def save_pretrained(
+    model: LlavaMed,
+    processor: LlavaMedProcessor,
+    directory: str | os.PathLike,
+    *,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete checkpoint (through :func:`staged_directory`: all of it or nothing)."""
+    with staged_directory(directory, overwrite=overwrite) as staging:
+        state = {name: tensor.cpu() for name, tensor in hf_state_dict(model).items()}
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: state[n] for n in names}, staging / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            write_index(staging, split.tensor_to_filename, total)
+        write_metadata(staging, hf_config(model), processor, model.config)
+    return Path(directory)
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

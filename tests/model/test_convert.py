@@ -1,0 +1,331 @@
+"""Converting checkpoints of LLaVA's original layout (the released LLaVA-Med v1.5's): a tiny model is saved
+the way LLaVA's code saves one, converted, and judged against the original weights run by hand (float64:
+transformers' Mistral and CLIP, the projector and the splice written out here, as LLaVA computes them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from llavamed_fast.data.packing import Sample, collate
+from llavamed_fast.data.templates import Message
+from llavamed_fast.model import load_pretrained
+from llavamed_fast.model.convert import ConversionError, convert_llava
+
+VOCAB = 300
+QUESTION = "What does the scan show?"
+CORPUS = [
+    "What does the scan show? The chest radiograph shows a right pleural effusion.",
+    "[INST] Is there a fracture? [/INST] No fracture is seen. </s>",
+    "Axial CT of the abdomen with contrast; the liver is enlarged with a hypodense lesion.",
+] * 20
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE without <image> or a pad token, as LLaMA/Mistral tokenizers come."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _sentencepiece_model(directory: Path) -> int:
+    """A SentencePiece BPE model with byte fallback and LLaMA's tokenizer_config, as the released LLaVA-Med
+    v1.5 ships its tokenizer (tokenizer.model, no tokenizer.json). Returns the vocabulary's size."""
+    model = sp_pb2.ModelProto()
+    model.trainer_spec.model_type = sp_pb2.TrainerSpec.BPE
+    model.trainer_spec.byte_fallback = True
+    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = 0, 1, 2
+    model.trainer_spec.pad_id = -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    Piece = sp_pb2.ModelProto.SentencePiece
+    pieces = [("<unk>", Piece.UNKNOWN), ("<s>", Piece.CONTROL), ("</s>", Piece.CONTROL)]
+    pieces += [(f"<0x{b:02X}>", Piece.BYTE) for b in range(256)]
+    words = sorted({w for line in CORPUS for w in line.split()})
+    chars = sorted({c for w in words for c in w})
+    pieces += [(p, Piece.NORMAL) for p in ["\u2581", *chars, *("\u2581" + c for c in chars)]]
+    pieces += [("\u2581" + w, Piece.NORMAL) for w in words if len(w) > 1]
+    for rank, (piece, kind) in enumerate(pieces):
+        entry = model.pieces.add()
+        entry.piece, entry.type, entry.score = piece, kind, -float(rank)
+    (directory / "tokenizer.model").write_bytes(model.SerializeToString())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+    }
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
+    (directory / "special_tokens_map.json").write_text(json.dumps(special))
+    return len(pieces)
+
+
+class Original:
+    """A tiny LLaVA-Mistral checkpoint in LLaVA's layout, and its parts as modules (the reference)."""
+
+    def __init__(
+        self, root: Path, *, store_tower: bool = True, shards: int = 2, sentencepiece: bool = False
+    ) -> None:
+        torch.manual_seed(0)
+        self.dir = root / "llava-med-tiny"
+        self.dir.mkdir(parents=True)
+        if sentencepiece:
+            vocab = _sentencepiece_model(self.dir)
+        else:
+            self.tokenizer = _tokenizer()
+            self.tokenizer.save_pretrained(self.dir)
+            vocab = len(self.tokenizer)
+        self.text = MistralForCausalLM(
+            MistralConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                sliding_window=None,
+                tie_word_embeddings=False,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        ).eval()
+        vision_config = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        )
+        self.vision = CLIPVisionModel(vision_config).eval()
+        self.tower_dir = (
+            root / "clip-tiny"
+        )  # what mm_vision_tower names, as when LLaVA trained on a local tower
+        self.vision.save_pretrained(self.tower_dir)
+        self.linear_1, self.linear_2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64)
+        state = {"model." + k: v for k, v in self.text.model.state_dict().items()}
+        state["lm_head.weight"] = self.text.lm_head.weight
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # older transformers saved it
+        for index, linear in (("0", self.linear_1), ("2", self.linear_2)):
+            state[f"model.mm_projector.{index}.weight"] = linear.weight
+            state[f"model.mm_projector.{index}.bias"] = linear.bias
+        if store_tower:
+            for k, v in self.vision.state_dict().items():
+                state["model.vision_tower.vision_tower." + k] = v
+        state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+        names = sorted(state)
+        groups = [names[i::shards] for i in range(shards)]
+        if shards == 1:
+            save_file(state, self.dir / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, group in enumerate(groups, 1):
+                filename = f"model-{i:05d}-of-{shards:05d}.safetensors"
+                save_file({n: state[n] for n in group}, self.dir / filename)
+                weight_map.update(dict.fromkeys(group, filename))
+            (self.dir / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map})
+            )
+        self.config = {
+            **self.text.config.to_dict(),
+            "architectures": ["LlavaMistralForCausalLM"],
+            "model_type": "llava_mistral",
+            "torch_dtype": "float32",
+            "mm_vision_tower": str(self.tower_dir),
+            "mm_hidden_size": 32,
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_projector_type": "mlp2x_gelu",
+            "image_aspect_ratio": "pad",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "tokenizer_model_max_length": 2048,
+            "tokenizer_padding_side": "right",
+            "feature_outs": "encoder+decoder",  # a leftover field of the released config
+        }
+        self.write_config()
+
+    def write_config(self, **changes) -> None:
+        (self.dir / "config.json").write_text(json.dumps({**self.config, **changes}))
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, image_token: int, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LLaVA's forward in float64: the penultimate layer's patches, Linear-GELU-Linear, spliced in
+        where the image token's run is (LLaVA inserts them at its one -200 placeholder)."""
+        text, vision = self.text.double(), self.vision.double()
+        l1, l2 = self.linear_1.double(), self.linear_2.double()
+        hidden = vision(pixel_values.double(), output_hidden_states=True).hidden_states[-2][:, 1:]
+        features = l2(torch.nn.functional.gelu(l1(hidden)))[0]
+        ids = input_ids.tolist()
+        start = ids.index(image_token)
+        end = start + features.shape[0]
+        assert set(ids[start:end]) == {image_token}
+        embed = text.model.embed_tokens
+        pieces = [embed(input_ids[:start]), features, embed(input_ids[end:])]
+        return text(inputs_embeds=torch.cat(pieces)[None]).logits[0]
+
+
+@pytest.fixture
+def original(tmp_path) -> Original:
+    return Original(tmp_path)
+
+
+def _hf_inputs(directory: Path, image: Image.Image):
+    processor = AutoProcessor.from_pretrained(directory)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False)
+
+
+def test_converted_checkpoint_computes_the_original_model(original, tmp_path, vqa_rad_images):
+    out = convert_llava(original.dir, tmp_path / "converted")
+    config = json.loads((out / "config.json").read_text())
+    image_token = config["image_token_index"]
+    assert image_token == VOCAB  # <image> added after the original vocabulary
+    assert config["text_config"]["vocab_size"] == 320  # grown to a multiple of 64
+    assert config["image_seq_length"] == 4 and config["vision_feature_layer"] == -2
+    ours = json.loads((out / "llavamed_fast.json").read_text())["model"]
+    assert ours["template"] == "mistral_instruct" and ours["image_resize"] == "pad_to_square"
+    assert ours["projector"] == "mlp2x_gelu" and ours["max_length"] == 2048
+
+    image = Image.open(vqa_rad_images[5]).convert("RGB")
+    inputs = _hf_inputs(out, image)
+    ids = inputs["input_ids"][0]
+    assert ids.tolist().count(image_token) == 4
+    assert original.tokenizer.decode(ids[ids != image_token]).startswith("<s>[INST] \n" + QUESTION)
+    reference = original.logits(ids, image_token, inputs["pixel_values"])
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    with torch.no_grad():
+        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
+    assert theirs.shape[-1] == 320
+    torch.testing.assert_close(theirs[:, :VOCAB], reference, atol=1e-10, rtol=1e-10)
+    # The added rows (<image> and padding) are the mean of the original LM head's rows.
+    head = original.text.lm_head.weight.double()
+    torch.testing.assert_close(hf.lm_head.weight[VOCAB:], head.mean(0).expand(20, -1), atol=1e-6, rtol=1e-6)
+
+    # Our own loader and model (float32, packed) agree too, from the same token ids.
+    model, processor = load_pretrained(out)
+    encoded = processor.encode(
+        [Message("user", "<image>\n" + QUESTION)], num_images=1, add_generation_prompt=True
+    )
+    assert encoded.input_ids.tolist() == ids.tolist()
+    pixels = processor.preprocess_images([image])
+    torch.testing.assert_close(pixels, inputs["pixel_values"], atol=0, rtol=0)
+    batch = collate([Sample("x", encoded.input_ids, encoded.labels, encoded.image_starts, pixels)])
+    with torch.no_grad():
+        logits = model.eval().logits(batch)
+    assert (logits[:, :VOCAB].double() - reference).abs().max().item() <= 1e-4
+
+
+def test_tower_from_a_clip_folder_when_the_checkpoint_has_none(tmp_path, vqa_rad_images):
+    original = Original(tmp_path, store_tower=False, shards=1)
+    original.write_config(mm_vision_tower="openai/clip-vit-large-patch14-336")  # not stored, not here
+    with pytest.raises(ConversionError, match=r"holds no vision tower weights.*--vision"):
+        convert_llava(original.dir, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    out = convert_llava(original.dir, tmp_path / "b", vision=original.tower_dir)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    inputs = _hf_inputs(out, Image.open(vqa_rad_images[0]).convert("RGB"))
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    with torch.no_grad():
+        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
+    reference = original.logits(inputs["input_ids"][0], VOCAB, inputs["pixel_values"])
+    torch.testing.assert_close(theirs[:, :VOCAB], reference, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mm_use_im_start_end": True}, "mm_use_im_start_end is true"),
+        ({"mm_projector_type": "mlp3x_gelu"}, "mm_projector_type 'mlp3x_gelu' is not supported"),
+        ({"mm_vision_select_feature": "cls_patch"}, "mm_vision_select_feature is 'cls_patch'"),
+        ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio 'anyres'"),
+        ({"model_type": "llava_llama"}, "no known chat template.*--template"),
+        ({"model_type": "llava"}, "no known chat template"),
+        ({"model_type": "llama"}, "not a LLaVA original-layout model"),
+        ({"mm_vision_tower": "someone/clip-other"}, "give --vision"),
+        ({"num_hidden_layers": 3}, r"missing \['model.language_model.layers.2"),
+    ],
+)
+def test_what_cannot_convert_is_refused_by_name(original, tmp_path, changes, message):
+    original.write_config(**changes)
+    with pytest.raises(ConversionError, match=message):
+        convert_llava(original.dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_sentencepiece_tokenizer_as_released(tmp_path, vqa_rad_images):
+    original = Original(tmp_path, sentencepiece=True)
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(original.dir / "tokenizer.model"))
+    out = convert_llava(original.dir, tmp_path / "out")
+    assert (out / "tokenizer.json").is_file()  # loads later without sentencepiece
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    assert image_token == vocab.vocab_size() and tokenizer.pad_token == "<unk>"
+    for text in (QUESTION, "The liver is enlarged; no fracture (5 mm)."):
+        assert tokenizer(text, add_special_tokens=False).input_ids == vocab.encode(text)
+    inputs = _hf_inputs(out, Image.open(vqa_rad_images[2]).convert("RGB"))
+    ids = inputs["input_ids"][0]
+    assert ids[0].item() == vocab.bos_id() and ids.tolist().count(image_token) == 4
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
+    with torch.no_grad():
+        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
+    reference = original.logits(ids, image_token, inputs["pixel_values"])
+    torch.testing.assert_close(theirs[:, : vocab.vocab_size()], reference, atol=1e-10, rtol=1e-10)
+
+
+def test_llava_llama_converts_with_a_named_template(original, tmp_path):
+    # The same weights under LLaVA-1.5's LLaMA class name (LLaMA and Mistral layers share names).
+    original.write_config(model_type="llava_llama", num_key_value_heads=2)
+    out = convert_llava(original.dir, tmp_path / "out", template="mistral_instruct")
+    assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "llama"
+
+
+def test_cli_converts_and_reports_errors_on_one_line(original, tmp_path):
+    run = [sys.executable, "-m", "llavamed_fast", "convert", str(original.dir)]
+    done = subprocess.run(
+        [*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "converted" in done.stdout and str(tmp_path / "out") in done.stdout
+    again = subprocess.run(
+        [*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
