@@ -55,6 +55,7 @@ from llavamed_fast.data.packing import Sample, collate, pack
 from llavamed_fast.data.templates import IGNORE_INDEX
 from llavamed_fast.model import build, fused, get_preset
 from llavamed_fast.model.checkpoint import hf_config
+from llavamed_fast.model.convert import KNOWN_VISION_TOWERS
 from llavamed_fast.train.flops import batch_flops, peak_tflops
 
 VOCAB = 32000
@@ -65,15 +66,7 @@ FULL_LAYERS = 32  # LLaMA-7B and Mistral-7B
 
 
 def model_config(variant: str, layers: int):
-    vision = {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "patch_size": 14,
-        "projection_dim": 768,
-        "image_size": 224 if variant == "v0" else 336,
-    }
+    vision = dict(KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14" + ("" if variant == "v0" else "-336")])
     text = {
         "hidden_size": 4096,
         "num_attention_heads": 32,
