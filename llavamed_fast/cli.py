@@ -39,7 +39,7 @@ def _convert(args: argparse.Namespace) -> int:
     from llavamed_fast.model.convert import convert_llava
 
     try:
-        path = convert_llava(
+        done = convert_llava(
             args.source,
             args.out,
             vision=args.vision,
@@ -50,7 +50,9 @@ def _convert(args: argparse.Namespace) -> int:
     except CheckpointError as error:
         print(f"convert: {error}", file=sys.stderr)
         return 2
-    print(f"converted {args.source} to {path}")
+    for note in done.notes:
+        print(f"convert: note: {note}", file=sys.stderr)
+    print(f"converted {args.source} to {done.path}")
     return 0
 
 

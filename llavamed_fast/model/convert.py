@@ -6,26 +6,29 @@ causal LM with the vision parts attached: ``config.json`` of ``model_type`` ``ll
 ``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``, ``model.mm_projector.{0,2}`` (or
 ``model.mm_projector`` for a single linear layer) and, when the vision tower was saved with it,
 ``model.vision_tower.vision_tower.vision_model.*``. The image sits in the text as one placeholder id
-(-200), which is not in the vocabulary.
+(-200), which is not in the vocabulary. Its config.json is transformers 4.x's (``rope_theta`` at the top).
 
 :func:`convert_llava` writes the same model as a checkpoint of ours (transformers'
-``LlavaForConditionalGeneration`` layout plus ``llavamed_fast.json``), shard by shard, so memory holds one
-source shard at a time:
+``LlavaForConditionalGeneration`` layout plus ``llavamed_fast.json``), file by file, so memory holds one
+source file's weights at a time:
 
 - the tokenizer gains ``<image>`` (and a pad token, the unknown token, when it has none); the embedding and
   the LM head gain rows up to the next multiple of 64, set to the mean of the existing rows (they are
   never read for ``<image>``: image positions take the projected features instead);
-- the projector, the vision tower and the LLM keep their values and dtypes under transformers' names;
-- the vision config comes from ``--vision`` (a CLIP checkpoint folder), else from ``mm_vision_tower``
-  when it is a local folder or one of the two OpenAI CLIP ViT-L/14 towers LLaVA uses; its weights from
-  the checkpoint, else from ``--vision``;
-- ``image_aspect_ratio: pad`` becomes pad-to-square preprocessing, anything else LLaVA calls square
-  CLIP's resize and centre crop; the chat template is ``mistral_instruct`` for ``llava_mistral`` (the
-  released LLaVA-Med v1.5's) and must be named for other models.
+- the projector, the vision tower and the LLM keep their values and dtypes under transformers' names; a
+  single linear projector gets an identity second layer, as our v0 checkpoints do;
+- the vision tower's config and weights come from ``--vision`` (a CLIP checkpoint folder) when given, as
+  LLaVA-Med's own loader takes them from ``mm_vision_tower``; else the weights from the checkpoint and the
+  config from ``mm_vision_tower`` when it is a local folder or one of the two OpenAI CLIP ViT-L/14 towers
+  LLaVA uses;
+- ``image_aspect_ratio`` ``pad`` becomes pad-to-square preprocessing and ``square`` (or none) CLIP's
+  resize and centre crop; the chat template is ``mistral_instruct`` for ``llava_mistral`` (the released
+  LLaVA-Med v1.5's) and must be named for other models.
 
-Refused, each with the field that says so: ``<im_start>``/``<im_end>`` or patch tokens (LLaVA-Med v0's
-layout, released as deltas over LLaMA), a vision feature other than the patches, tiled images (LLaVA-NeXT's
-``anyres``), projectors other than ``linear`` and ``mlp2x_gelu``.
+Every weight's name and shape is checked against transformers' model of the converted config before
+anything is written. Refused, each with the file and field that say so: ``<im_start>``/``<im_end>`` or
+patch tokens (LLaVA-Med v0's layout, released as deltas over LLaMA), a vision feature other than the
+patches, tiled images (LLaVA-NeXT's ``anyres``), projectors other than ``linear`` and ``mlp2x_gelu``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from llavamed_fast.data.templates import TEMPLATES
+from llavamed_fast.data.templates import TEMPLATES, Message
 from llavamed_fast.model.build import VOCAB_MULTIPLE
 from llavamed_fast.model.checkpoint import (
     CheckpointError,
@@ -149,6 +153,8 @@ def _source_config(source: Path) -> dict[str, Any]:
 
 def _vision_config(config: Mapping[str, Any], source: Path, vision: Path | None) -> CLIPVisionConfig:
     if vision is not None:
+        if not (vision / "config.json").is_file():
+            raise ConversionError(f"--vision {vision}: not a CLIP checkpoint folder (no config.json)")
         return CLIPVisionConfig.from_pretrained(vision)
     name = config.get("mm_vision_tower") or config.get("vision_tower")
     if name and Path(name).is_dir():
@@ -163,7 +169,9 @@ def _vision_config(config: Mapping[str, Any], source: Path, vision: Path | None)
 
 def _text_config(config: Mapping[str, Any], tokenizer, vocab_size: int):
     kind = _TEXT_TYPES[config["model_type"]][0]
-    known = set(AutoConfig.for_model(kind).to_dict())
+    # rope_theta and rope_scaling: top-level fields of the transformers 4.x that LLaVA saved with, which the
+    # current config classes still take and fold into rope_parameters.
+    known = set(AutoConfig.for_model(kind).to_dict()) | {"rope_theta", "rope_scaling"}
     ignored = {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
     fields = {k: v for k, v in config.items() if k in known and k not in ignored}
     fields.update(
@@ -182,7 +190,10 @@ def _weight_files(source: Path) -> list[Path]:
     ):
         index = source / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ConversionError(f"{index}: not an index with a weight_map ({error!r})") from error
             return [source / name for name in names]
         if (source / single).is_file():
             return [source / single]
@@ -200,22 +211,39 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _hf_name(name: str, projector: ProjectorType) -> str | None:
-    """transformers' name of a weight of LLaVA's layout; None for a buffer that is not stored."""
-    if name.endswith(_SKIPPED_SUFFIXES):
-        return None
-    if name.startswith(_VISION_PREFIX):
-        return "model.vision_tower." + name[len(_VISION_PREFIX) :]
-    if name.startswith("model.mm_projector."):
-        rest = name[len("model.mm_projector.") :]
-        if projector is ProjectorType.LINEAR:
-            return "model.multi_modal_projector.linear_1." + rest
-        layer, _, param = rest.partition(".")
-        linear = {"0": "linear_1", "2": "linear_2"}.get(layer)
-        return f"model.multi_modal_projector.{linear}.{param}" if linear else name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model.") :]
-    return name  # lm_head.weight
+@dataclass(frozen=True)
+class _Names:
+    """LLaVA's weight names to transformers' for one model: the projector's kind, and whether this
+    transformers version keeps CLIP's ``vision_model.`` level inside the tower's names (5.x does not)."""
+
+    projector: ProjectorType
+    tower_level: bool
+
+    def tower(self, rest: str) -> str:
+        """A CLIP weight's name (with or without ``vision_model.``) inside the LLaVA model."""
+        rest = rest.removeprefix("vision_model.")
+        return "model.vision_tower." + ("vision_model." if self.tower_level else "") + rest
+
+    def __call__(self, name: str) -> str | None:
+        """transformers' name of a weight of LLaVA's layout; None for a buffer that is not stored."""
+        if name.endswith(_SKIPPED_SUFFIXES):
+            return None
+        if name.startswith(_VISION_PREFIX):
+            return self.tower(name[len(_VISION_PREFIX) :])
+        if name.startswith("model.mm_projector."):
+            rest = name[len("model.mm_projector.") :]
+            if self.projector is ProjectorType.LINEAR:
+                return "model.multi_modal_projector.linear_1." + rest
+            layer, _, param = rest.partition(".")
+            linear = {"0": "linear_1", "2": "linear_2"}.get(layer)
+            return f"model.multi_modal_projector.{linear}.{param}" if linear else name
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model.") :]
+        return name  # lm_head.weight
+
+
+_VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+_IDENTITY = "model.multi_modal_projector.linear_2."
 
 
 def _grown(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -226,33 +254,91 @@ def _grown(rows: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([rows, mean.expand(count, -1)])
 
 
+def _identity_linear_2(linear_1: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A single linear projector is written as transformers' two layers with an identity second one
+    (the same function; ``checkpoint.py`` reads it back as one layer)."""
+    width = linear_1.shape[0]
+    return {
+        _IDENTITY + "weight": torch.eye(width, dtype=linear_1.dtype),
+        _IDENTITY + "bias": torch.zeros(width, dtype=linear_1.dtype),
+    }
+
+
 def _converted_shards(
-    files: list[Path], projector: ProjectorType, vocab_size: int, keep
+    files: list[Path], names: _Names, vocab_size: int, keep
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Each source file's weights that ``keep`` accepts, under transformers' names, the vocabulary grown."""
     for path in files:
         out: dict[str, torch.Tensor] = {}
         for name, tensor in _read_shard(path).items():
-            target = _hf_name(name, projector)
+            target = names(name)
             if target is None or not keep(name):
                 continue
-            if target in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-                if tensor.shape[0] > vocab_size:
-                    raise ConversionError(
-                        f"{path}: {name} has {tensor.shape[0]} rows, more than the tokenizer"
-                    )
+            if target in _VOCAB_ROWS:
                 tensor = _grown(tensor, vocab_size - tensor.shape[0])
             out[target] = tensor.contiguous()
+            if names.projector is ProjectorType.LINEAR and target.endswith("linear_1.weight"):
+                out.update(_identity_linear_2(tensor))
         yield out
 
 
-def _expected_names(hf_config) -> set[str]:
+def _planned_shapes(
+    source_shapes: Mapping[str, tuple[int, ...]], names: _Names, vocab_size: int, keep
+) -> dict[str, tuple[int, ...]]:
+    """The shapes :func:`_converted_shards` will write, from the source's shapes alone."""
+    planned: dict[str, tuple[int, ...]] = {}
+    for name, shape in source_shapes.items():
+        target = names(name)
+        if target is None or not keep(name):
+            continue
+        planned[target] = (vocab_size, *shape[1:]) if target in _VOCAB_ROWS else tuple(shape)
+        if names.projector is ProjectorType.LINEAR and target.endswith("linear_1.weight"):
+            planned[_IDENTITY + "weight"] = (shape[0], shape[0])
+            planned[_IDENTITY + "bias"] = (shape[0],)
+    return planned
+
+
+def _expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """Every weight transformers' LLaVA of this config has, with its shape (built on the meta device)."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(hf_config)
-    names = set(model.state_dict())
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if hf_config.tie_word_embeddings:
-        names.discard("lm_head.weight")
-    return names
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _check_weights(
+    source: Path, planned: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    missing = sorted(set(expected) - set(planned))
+    unexpected = sorted(set(planned) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(
+            f"{source}: the weights do not make a LLaVA model of its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (as transformers names them)"
+        )
+    wrong = [
+        f"{n} {planned[n]} (config: {expected[n]})" for n in sorted(planned) if planned[n] != expected[n]
+    ]
+    if wrong:
+        raise ConversionError(
+            f"{source}: weight shapes disagree with its config.json: {'; '.join(wrong[:3])}"
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        )
+
+
+def _feature_layer(config: Mapping[str, Any], source: Path, layers: int) -> int:
+    """LLaVA's ``mm_vision_select_layer`` (an index into the tower's ``layers + 1`` hidden states, the
+    embeddings first) counted from the end, as ours is."""
+    value = config.get("mm_vision_select_layer", -2)
+    count = layers + 1
+    if not isinstance(value, int) or not -count <= value < count:
+        raise ConversionError(
+            f"{source / 'config.json'}: mm_vision_select_layer {value!r} is not a hidden state of the "
+            f"vision tower ({count} of them: -{count} to {count - 1})"
+        )
+    return value - count if value >= 0 else value
 
 
 def _model_config(
@@ -260,15 +346,15 @@ def _model_config(
 ) -> ModelConfig:
     """Ours, with ``text`` holding only the LLM's type until the vocabulary's size is known."""
     text_type, known_template = _TEXT_TYPES[config["model_type"]]
+    if template is not None and template not in TEMPLATES:
+        raise ConversionError(f"--template {template!r} is not a chat template ({', '.join(TEMPLATES)})")
     template = template or known_template
     if template is None:
         raise ConversionError(
             f"{source / 'config.json'}: model_type {config['model_type']!r} has no known chat template; "
             f"name it (--template: {', '.join(TEMPLATES)})"
         )
-    layer = int(config.get("mm_vision_select_layer", -2))
-    if layer >= 0:  # hidden_states[k] from the front: the embeddings are index 0
-        layer -= vision.num_hidden_layers + 1
+    layer = _feature_layer(config, source, vision.num_hidden_layers)
     pad = config.get("image_aspect_ratio") == "pad"
     return ModelConfig(
         name=source.name,
@@ -291,7 +377,7 @@ def _load_tokenizer(config: ModelConfig):
     try:
         with _without_config_warning():
             return load_tokenizer(config)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError, KeyError, TypeError, AttributeError) as error:
         raise ConversionError(
             f"{config.tokenizer}: cannot load a fast tokenizer ({error}); install sentencepiece, or give "
             f"--tokenizer the base LLM's (for LLaVA-Med v1.5: mistralai/Mistral-7B-Instruct-v0.2)"
@@ -314,7 +400,7 @@ def convert_llava(
     tokenizer: str | None = None,
     template: str | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> Conversion:
     """Write ``source`` (LLaVA's original layout) to ``out`` as a checkpoint of ours; see the module doc.
     ``vision``: a CLIP checkpoint folder for the tower's config and weights (replacing stored ones);
     ``tokenizer``: where the tokenizer comes from when not from ``source`` (a folder or hub id).
@@ -328,6 +414,7 @@ def convert_llava(
     check_target(out, overwrite=overwrite)
     vision = Path(vision) if vision is not None else None
     config = _source_config(source)
+    dtype = _dtype(config, source)
     vision_config = _vision_config(config, source, vision)
     model_config = _model_config(config, source, vision_config, template, tokenizer or str(source))
     tok = _load_tokenizer(model_config)
@@ -337,7 +424,6 @@ def convert_llava(
     processor = LlavaMedProcessor.from_config(
         model_config, image_size=vision_config.image_size, patch_size=vision_config.patch_size, tokenizer=tok
     )
-    dtype = _dtype(config, source)
     hf = llava_config(
         model_config,
         vision_config,
@@ -347,35 +433,72 @@ def convert_llava(
         dtype=dtype,
     )
     files = _weight_files(source)
-    source_names = _source_names(files)
-    if vision is None and not any(name.startswith(_VISION_PREFIX) for name in source_names):
+    source_shapes = _source_shapes(files)
+    if vision is None and not any(name.startswith(_VISION_PREFIX) for name in source_shapes):
         raise ConversionError(
             f"{source}: the checkpoint holds no vision tower weights ({_VISION_PREFIX}*); give --vision, "
             f"the CLIP checkpoint folder it was trained with"
         )
+    expected = _expected_shapes(hf)
+    names = _Names(
+        model_config.projector,
+        tower_level=any(n.startswith("model.vision_tower.vision_model.") for n in expected),
+    )
     tower: dict[str, torch.Tensor] = {}
     if vision is not None:  # the given tower replaces a stored one, as LLaVA-Med's own loader does
         clip = CLIPVisionModel.from_pretrained(vision, dtype=dtype)
-        tower = {"model.vision_tower." + k: v.contiguous() for k, v in clip.state_dict().items()}
+        tower = {names.tower(k): v.contiguous() for k, v in clip.state_dict().items()}
 
     def keep(name: str) -> bool:
         if vision is not None and name.startswith(_VISION_PREFIX):
             return False
         return not (name == "lm_head.weight" and text_config.tie_word_embeddings)
 
-    projector = model_config.projector
-    converted = {_hf_name(n, projector) for n in source_names if keep(n)} - {None} | set(tower)
-    expected = _expected_names(hf)
-    missing, unexpected = sorted(expected - converted), sorted(converted - expected)
-    if missing or unexpected:
-        raise ConversionError(
-            f"{source}: the weights do not make a LLaVA model of its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (as transformers names them)"
-        )
+    planned = _planned_shapes(source_shapes, names, vocab_size, keep)
+    planned.update({n: tuple(t.shape) for n, t in tower.items()})
+    _check_weights(source, planned, expected)
+    notes = _tokenization_notes(processor)
     with staged_directory(out, overwrite=overwrite) as staging:
-        _write_weights(staging, _converted_shards(files, projector, vocab_size, keep), len(files), tower)
+        _write_weights(staging, _converted_shards(files, names, vocab_size, keep), len(files), tower)
         write_metadata(staging, hf, processor, model_config)
-    return Path(out)
+    return Conversion(Path(out), notes)
+
+
+def _tokenization_notes(processor: LlavaMedProcessor) -> list[str]:
+    """Whether our one-pass tokenization of a prompt gives LLaVA's ids: LLaVA tokenizes the text on each
+    side of the image placeholder on its own (BOS kept once), so a SentencePiece tokenizer may start the
+    text after the image with a word-start piece that one pass does not produce. A note when they differ."""
+    tok = processor.tokenizer
+    messages = [Message("user", "<image>\nWhat is shown here?")]
+    ours = processor.encode(messages, num_images=1, add_generation_prompt=True).input_ids.tolist()
+    image = processor.image_tokens.token_id
+    ours = [t for i, t in enumerate(ours) if t != image or i == 0 or ours[i - 1] != image]  # one per image
+    text = processor.render(messages, add_generation_prompt=True).text.removeprefix(tok.bos_token or "")
+    chunks = [tok(chunk).input_ids for chunk in text.split(processor.image_placeholder)]
+    offset = int(bool(chunks[0]) and chunks[0][0] == tok.bos_token_id)
+    llava = [tok.bos_token_id] if offset else []
+    for number, chunk in enumerate(chunks):
+        llava += ([image] if number else []) + chunk[offset:]
+
+    def strip(ids: list[int]) -> list[int]:  # BOS aside: whether a tokenizer adds it is its own business
+        return ids[1:] if ids[:1] == [tok.bos_token_id] else ids
+
+    if strip(ours) == strip(llava):
+        return []
+    return [
+        "this tokenizer gives other ids around the image than LLaVA's own tokenization, which the model "
+        f"was trained with (LLaVA: {tok.convert_ids_to_tokens(strip(llava))}; here: "
+        f"{tok.convert_ids_to_tokens(strip(ours))}); a LLaMA/Mistral tokenizer_config.json with "
+        '"legacy": true tokenizes as LLaVA does'
+    ]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What :func:`convert_llava` wrote, and what the user should know about it."""
+
+    path: Path
+    notes: list[str]
 
 
 def _write_weights(
@@ -391,19 +514,21 @@ def _write_weights(
         save_file(tensors, directory / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors  # before the generator reads the next file
     if count > 1:
         write_index(directory, weight_map, total)
 
 
-def _source_names(files: list[Path]) -> set[str]:
-    names: set[str] = set()
+def _source_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every stored weight's shape, read from the safetensors headers (a .bin file is loaded, mmapped)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         if path.suffix == ".safetensors" and path.is_file():
             with safe_open(path, framework="pt") as handle:
-                names.update(handle.keys())
+                shapes.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})
         else:
-            names.update(_read_shard(path))
-    return names
+            shapes.update({n: tuple(t.shape) for n, t in _read_shard(path).items()})
+    return shapes
 
 
-__all__ = ["KNOWN_VISION_TOWERS", "ConversionError", "convert_llava"]
+__all__ = ["KNOWN_VISION_TOWERS", "Conversion", "ConversionError", "convert_llava"]

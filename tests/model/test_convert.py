@@ -21,6 +21,8 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     LlavaForConditionalGeneration,
     MistralConfig,
     MistralForCausalLM,
@@ -57,7 +59,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _sentencepiece_model(directory: Path) -> int:
+def _sentencepiece_model(directory: Path, *, legacy: bool = True) -> int:
     """A SentencePiece BPE model with byte fallback and LLaMA's tokenizer_config, as the released LLaVA-Med
     v1.5 ships its tokenizer (tokenizer.model, no tokenizer.json). Returns the vocabulary's size."""
     model = sp_pb2.ModelProto()
@@ -67,6 +69,7 @@ def _sentencepiece_model(directory: Path) -> int:
     model.trainer_spec.pad_id = -1
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = True
+    model.normalizer_spec.remove_extra_whitespaces = False  # as LLaMA's and Mistral's
     Piece = sp_pb2.ModelProto.SentencePiece
     pieces = [("<unk>", Piece.UNKNOWN), ("<s>", Piece.CONTROL), ("</s>", Piece.CONTROL)]
     pieces += [(f"<0x{b:02X}>", Piece.BYTE) for b in range(256)]
@@ -82,7 +85,7 @@ def _sentencepiece_model(directory: Path) -> int:
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
         "add_eos_token": False,
-        "legacy": False,
+        "legacy": legacy,
     }
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
@@ -91,35 +94,49 @@ def _sentencepiece_model(directory: Path) -> int:
 
 
 class Original:
-    """A tiny LLaVA-Mistral checkpoint in LLaVA's layout, and its parts as modules (the reference)."""
+    """A tiny LLaVA-Mistral checkpoint as LLaVA's code saves one, and its parts as modules (the reference).
+
+    As released: a transformers-4.36 config.json (``rope_theta`` at the top level, here not the default;
+    an ``rms_norm_eps`` that is not the default either), the CLIP tower under
+    ``model.vision_tower.vision_tower.vision_model.*``, a stale ``rotary_emb.inv_freq`` buffer.
+    """
 
     def __init__(
-        self, root: Path, *, store_tower: bool = True, shards: int = 2, sentencepiece: bool = False
+        self,
+        root: Path,
+        *,
+        store_tower: bool = True,
+        shards: int = 2,
+        sentencepiece: bool = False,
+        linear: bool = False,
+        legacy: bool = True,
     ) -> None:
         torch.manual_seed(0)
         self.dir = root / "llava-med-tiny"
         self.dir.mkdir(parents=True)
         if sentencepiece:
-            vocab = _sentencepiece_model(self.dir)
+            vocab = _sentencepiece_model(self.dir, legacy=legacy)
         else:
             self.tokenizer = _tokenizer()
             self.tokenizer.save_pretrained(self.dir)
             vocab = len(self.tokenizer)
-        self.text = MistralForCausalLM(
-            MistralConfig(
-                vocab_size=vocab,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=512,
-                sliding_window=None,
-                tie_word_embeddings=False,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-        ).eval()
+        text_fields = {
+            "vocab_size": vocab,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "rope_theta": 1e6,
+            "rms_norm_eps": 1e-6,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "hidden_act": "silu",
+        }
+        self.text = MistralForCausalLM(MistralConfig(**text_fields)).eval()
         vision_config = CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -130,44 +147,40 @@ class Original:
             projection_dim=32,
         )
         self.vision = CLIPVisionModel(vision_config).eval()
-        self.tower_dir = (
-            root / "clip-tiny"
-        )  # what mm_vision_tower names, as when LLaVA trained on a local tower
+        self.tower_dir = root / "clip-tiny"  # what mm_vision_tower names: LLaVA trained on a local tower
         self.vision.save_pretrained(self.tower_dir)
-        self.linear_1, self.linear_2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64)
+        self.linear_1 = torch.nn.Linear(32, 64)
+        self.linear_2 = None if linear else torch.nn.Linear(64, 64)
         state = {"model." + k: v for k, v in self.text.model.state_dict().items()}
         state["lm_head.weight"] = self.text.lm_head.weight
         state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # older transformers saved it
-        for index, linear in (("0", self.linear_1), ("2", self.linear_2)):
-            state[f"model.mm_projector.{index}.weight"] = linear.weight
-            state[f"model.mm_projector.{index}.bias"] = linear.bias
+        if linear:
+            state["model.mm_projector.weight"] = self.linear_1.weight
+            state["model.mm_projector.bias"] = self.linear_1.bias
+        else:
+            for index, layer in (("0", self.linear_1), ("2", self.linear_2)):
+                state[f"model.mm_projector.{index}.weight"] = layer.weight
+                state[f"model.mm_projector.{index}.bias"] = layer.bias
         if store_tower:
             for k, v in self.vision.state_dict().items():
-                state["model.vision_tower.vision_tower." + k] = v
-        state = {k: v.detach().clone().contiguous() for k, v in state.items()}
-        names = sorted(state)
-        groups = [names[i::shards] for i in range(shards)]
-        if shards == 1:
-            save_file(state, self.dir / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, group in enumerate(groups, 1):
-                filename = f"model-{i:05d}-of-{shards:05d}.safetensors"
-                save_file({n: state[n] for n in group}, self.dir / filename)
-                weight_map.update(dict.fromkeys(group, filename))
-            (self.dir / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map})
-            )
+                state["model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model.")] = v
+        self.state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+        self.save(shards)
         self.config = {
-            **self.text.config.to_dict(),
+            **text_fields,
+            "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
             "architectures": ["LlavaMistralForCausalLM"],
             "model_type": "llava_mistral",
+            "transformers_version": "4.36.2",
             "torch_dtype": "float32",
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
             "mm_vision_tower": str(self.tower_dir),
             "mm_hidden_size": 32,
             "mm_vision_select_layer": -2,
             "mm_vision_select_feature": "patch",
-            "mm_projector_type": "mlp2x_gelu",
+            "mm_projector_type": "linear" if linear else "mlp2x_gelu",
             "image_aspect_ratio": "pad",
             "mm_use_im_start_end": False,
             "mm_use_im_patch_token": False,
@@ -177,17 +190,35 @@ class Original:
         }
         self.write_config()
 
+    def save(self, shards: int) -> None:
+        names = sorted(self.state)
+        if shards == 1:
+            save_file(self.state, self.dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i in range(shards):
+            group = names[i::shards]
+            filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: self.state[n] for n in group}, self.dir / filename)
+            weight_map.update(dict.fromkeys(group, filename))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
     def write_config(self, **changes) -> None:
         (self.dir / "config.json").write_text(json.dumps({**self.config, **changes}))
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, image_token: int, pixel_values: torch.Tensor) -> torch.Tensor:
-        """LLaVA's forward in float64: the penultimate layer's patches, Linear-GELU-Linear, spliced in
-        where the image token's run is (LLaVA inserts them at its one -200 placeholder)."""
+    def logits(
+        self, input_ids: torch.Tensor, image_token: int, pixel_values: torch.Tensor, layer: int = -2
+    ) -> torch.Tensor:
+        """LLaVA's forward in float64: the penultimate layer's patches, the projector, spliced in where the
+        image token's run is (LLaVA inserts them at its one -200 placeholder)."""
         text, vision = self.text.double(), self.vision.double()
-        l1, l2 = self.linear_1.double(), self.linear_2.double()
-        hidden = vision(pixel_values.double(), output_hidden_states=True).hidden_states[-2][:, 1:]
-        features = l2(torch.nn.functional.gelu(l1(hidden)))[0]
+        hidden = vision(pixel_values.double(), output_hidden_states=True).hidden_states[layer][:, 1:]
+        features = self.linear_1.double()(hidden)
+        if self.linear_2 is not None:
+            features = self.linear_2.double()(torch.nn.functional.gelu(features))
+        features = features[0]
         ids = input_ids.tolist()
         start = ids.index(image_token)
         end = start + features.shape[0]
@@ -195,6 +226,15 @@ class Original:
         embed = text.model.embed_tokens
         pieces = [embed(input_ids[:start]), features, embed(input_ids[end:])]
         return text(inputs_embeds=torch.cat(pieces)[None]).logits[0]
+
+
+def _hf_logits(directory: Path, image: Image.Image) -> tuple[torch.Tensor, dict]:
+    """transformers' own LLaVA on the converted checkpoint, float64, with its own processor's inputs."""
+    inputs = _hf_inputs(directory, image)
+    hf = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
+    return logits, inputs
 
 
 @pytest.fixture
@@ -210,31 +250,30 @@ def _hf_inputs(directory: Path, image: Image.Image):
 
 
 def test_converted_checkpoint_computes_the_original_model(original, tmp_path, vqa_rad_images):
-    out = convert_llava(original.dir, tmp_path / "converted")
+    done = convert_llava(original.dir, tmp_path / "converted")
+    out = done.path
     config = json.loads((out / "config.json").read_text())
     image_token = config["image_token_index"]
     assert image_token == VOCAB  # <image> added after the original vocabulary
     assert config["text_config"]["vocab_size"] == 320  # grown to a multiple of 64
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == 1e6  # from 4.x's top-level field
+    assert config["text_config"]["rms_norm_eps"] == 1e-6
     assert config["image_seq_length"] == 4 and config["vision_feature_layer"] == -2
     ours = json.loads((out / "llavamed_fast.json").read_text())["model"]
     assert ours["template"] == "mistral_instruct" and ours["image_resize"] == "pad_to_square"
     assert ours["projector"] == "mlp2x_gelu" and ours["max_length"] == 2048
 
     image = Image.open(vqa_rad_images[5]).convert("RGB")
-    inputs = _hf_inputs(out, image)
+    theirs, inputs = _hf_logits(out, image)
     ids = inputs["input_ids"][0]
     assert ids.tolist().count(image_token) == 4
     assert original.tokenizer.decode(ids[ids != image_token]).startswith("<s>[INST] \n" + QUESTION)
     reference = original.logits(ids, image_token, inputs["pixel_values"])
-
-    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
-    with torch.no_grad():
-        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
     assert theirs.shape[-1] == 320
     torch.testing.assert_close(theirs[:, :VOCAB], reference, atol=1e-10, rtol=1e-10)
-    # The added rows (<image> and padding) are the mean of the original LM head's rows.
-    head = original.text.lm_head.weight.double()
-    torch.testing.assert_close(hf.lm_head.weight[VOCAB:], head.mean(0).expand(20, -1), atol=1e-6, rtol=1e-6)
+    # The added rows (<image> and padding) are the mean of the original rows.
+    head = LlavaForConditionalGeneration.from_pretrained(out).lm_head.weight
+    torch.testing.assert_close(head[VOCAB:], original.state["lm_head.weight"].mean(0).expand(20, -1))
 
     # Our own loader and model (float32, packed) agree too, from the same token ids.
     model, processor = load_pretrained(out)
@@ -250,21 +289,40 @@ def test_converted_checkpoint_computes_the_original_model(original, tmp_path, vq
     assert (logits[:, :VOCAB].double() - reference).abs().max().item() <= 1e-4
 
 
-def test_tower_from_a_clip_folder_when_the_checkpoint_has_none(tmp_path, vqa_rad_images):
+def test_linear_projector_and_a_layer_counted_from_the_front(tmp_path, vqa_rad_images):
+    original = Original(tmp_path, linear=True, shards=1)
+    # LLaVA-1's layout: a LLaMA-class model, one linear projector; hidden_states[2] of a 3-layer tower is -2.
+    original.write_config(model_type="llava_llama", mm_vision_select_layer=2, image_aspect_ratio="square")
+    out = convert_llava(original.dir, tmp_path / "out", template="mistral_instruct").path
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    ours = json.loads((out / "llavamed_fast.json").read_text())["model"]
+    assert ours["projector"] == "linear" and ours["image_resize"] == "center_crop"
+    assert ours["vision_feature_layer"] == -2
+    theirs, inputs = _hf_logits(out, Image.open(vqa_rad_images[1]).convert("RGB"))
+    # The same weights in LLaMA's class compute LLaMA's function: the reference runs them that way too.
+    llama = LlamaForCausalLM(LlamaConfig(**original.text.config.to_dict())).eval()
+    llama.load_state_dict({name: original.state[name] for name in llama.state_dict()})
+    original.text = llama
+    reference = original.logits(inputs["input_ids"][0], VOCAB, inputs["pixel_values"], layer=2)
+    torch.testing.assert_close(theirs[:, :VOCAB], reference, atol=1e-10, rtol=1e-10)
+    model, _ = load_pretrained(out)  # our loader reads the identity second layer back as one layer
+    assert model.multi_modal_projector.linear_2 is None
+
+
+def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path, vqa_rad_images):
     original = Original(tmp_path, store_tower=False, shards=1)
     original.write_config(mm_vision_tower="openai/clip-vit-large-patch14-336")  # not stored, not here
     with pytest.raises(ConversionError, match=r"holds no vision tower weights.*--vision"):
         convert_llava(original.dir, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    out = convert_llava(original.dir, tmp_path / "b", vision=original.tower_dir)
+    with pytest.raises(ConversionError, match=r"--vision .*nowhere: not a CLIP checkpoint folder"):
+        convert_llava(original.dir, tmp_path / "a", vision=tmp_path / "nowhere")
+    out = convert_llava(original.dir, tmp_path / "b", vision=original.tower_dir).path
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
     ]
-    inputs = _hf_inputs(out, Image.open(vqa_rad_images[0]).convert("RGB"))
-    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
-    with torch.no_grad():
-        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
+    theirs, inputs = _hf_logits(out, Image.open(vqa_rad_images[0]).convert("RGB"))
     reference = original.logits(inputs["input_ids"][0], VOCAB, inputs["pixel_values"])
     torch.testing.assert_close(theirs[:, :VOCAB], reference, atol=1e-10, rtol=1e-10)
 
@@ -272,15 +330,22 @@ def test_tower_from_a_clip_folder_when_the_checkpoint_has_none(tmp_path, vqa_rad
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"mm_use_im_start_end": True}, "mm_use_im_start_end is true"),
+        ({"mm_use_im_start_end": True}, "config.json: mm_use_im_start_end is true"),
         ({"mm_projector_type": "mlp3x_gelu"}, "mm_projector_type 'mlp3x_gelu' is not supported"),
         ({"mm_vision_select_feature": "cls_patch"}, "mm_vision_select_feature is 'cls_patch'"),
         ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio 'anyres'"),
+        ({"mm_vision_select_layer": 4}, "mm_vision_select_layer 4 is not a hidden state"),
+        ({"mm_vision_select_layer": -5}, "mm_vision_select_layer -5 is not a hidden state"),
         ({"model_type": "llava_llama"}, "no known chat template.*--template"),
         ({"model_type": "llava"}, "no known chat template"),
         ({"model_type": "llama"}, "not a LLaVA original-layout model"),
         ({"mm_vision_tower": "someone/clip-other"}, "give --vision"),
         ({"num_hidden_layers": 3}, r"missing \['model.language_model.layers.2"),
+        (
+            {"intermediate_size": 96},
+            r"shapes disagree with its config.json: .*mlp.down_proj.weight \(64, 128\)",
+        ),
+        ({"torch_dtype": "float99"}, "torch_dtype 'float99' is not a torch dtype"),
     ],
 )
 def test_what_cannot_convert_is_refused_by_name(original, tmp_path, changes, message):
@@ -290,31 +355,50 @@ def test_what_cannot_convert_is_refused_by_name(original, tmp_path, changes, mes
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_sentencepiece_tokenizer_as_released(tmp_path, vqa_rad_images):
-    original = Original(tmp_path, sentencepiece=True)
+def test_broken_files_are_named(original, tmp_path):
+    with pytest.raises(ConversionError, match="--template 'nope' is not a chat template"):
+        convert_llava(original.dir, tmp_path / "out", template="nope")
+    index = original.dir / "model.safetensors.index.json"
+    index.write_text("{}")
+    with pytest.raises(ConversionError, match=r"index\.json: not an index with a weight_map"):
+        convert_llava(original.dir, tmp_path / "out")
+    index.unlink()
+    (original.dir / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"no weights \(model.safetensors"):
+        convert_llava(original.dir, tmp_path / "out")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_tokenizer_as_released(tmp_path, vqa_rad_images, legacy):
+    original = Original(tmp_path, sentencepiece=True, legacy=legacy)
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(original.dir / "tokenizer.model"))
-    out = convert_llava(original.dir, tmp_path / "out")
+    done = convert_llava(original.dir, tmp_path / "out")
+    out = done.path
     assert (out / "tokenizer.json").is_file()  # loads later without sentencepiece
     tokenizer = AutoTokenizer.from_pretrained(out)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     assert image_token == vocab.vocab_size() and tokenizer.pad_token == "<unk>"
     for text in (QUESTION, "The liver is enlarged; no fracture (5 mm)."):
         assert tokenizer(text, add_special_tokens=False).input_ids == vocab.encode(text)
-    inputs = _hf_inputs(out, Image.open(vqa_rad_images[2]).convert("RGB"))
+
+    # LLaVA's own tokenization, from the SentencePiece model itself: each side of the image on its own.
+    processor = load_pretrained(out)[1]
+    messages = [Message("user", "<image>\n" + QUESTION)]
+    text = processor.render(messages, add_generation_prompt=True).text.removeprefix("<s>")
+    before, after = text.split("<image>")
+    llava = [vocab.bos_id(), *vocab.encode(before), image_token, *vocab.encode(after)]
+    ours = processor.encode(messages, num_images=1, add_generation_prompt=True).input_ids.tolist()
+    ours = [t for i, t in enumerate(ours) if t != image_token or ours[i - 1] != image_token]
+    assert (ours == llava) is legacy  # one pass tokenizes as LLaVA does with legacy=true only...
+    assert (done.notes == []) is legacy  # ...and the conversion says so when it does not
+    if not legacy:
+        assert "legacy" in done.notes[0] and "\u2581" in done.notes[0]
+
+    theirs, inputs = _hf_logits(out, Image.open(vqa_rad_images[2]).convert("RGB"))
     ids = inputs["input_ids"][0]
     assert ids[0].item() == vocab.bos_id() and ids.tolist().count(image_token) == 4
-    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float64).eval()
-    with torch.no_grad():
-        theirs = hf(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits[0]
     reference = original.logits(ids, image_token, inputs["pixel_values"])
     torch.testing.assert_close(theirs[:, : vocab.vocab_size()], reference, atol=1e-10, rtol=1e-10)
-
-
-def test_llava_llama_converts_with_a_named_template(original, tmp_path):
-    # The same weights under LLaVA-1.5's LLaMA class name (LLaMA and Mistral layers share names).
-    original.write_config(model_type="llava_llama", num_key_value_heads=2)
-    out = convert_llava(original.dir, tmp_path / "out", template="mistral_instruct")
-    assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "llama"
 
 
 def test_cli_converts_and_reports_errors_on_one_line(original, tmp_path):
@@ -324,8 +408,16 @@ def test_cli_converts_and_reports_errors_on_one_line(original, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "converted" in done.stdout and str(tmp_path / "out") in done.stdout
-    again = subprocess.run(
-        [*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
+    for extra, message in (
+        ([], "exists and is not empty"),
+        (["--template", "nope"], "is not a chat template"),
+        (["--vision", str(tmp_path / "nowhere")], "not a CLIP checkpoint folder"),
+    ):
+        again = subprocess.run(
+            [*run, "--out", str(tmp_path / "out2" if extra else tmp_path / "out"), *extra],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert again.returncode == 2 and message in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1, again.stderr
