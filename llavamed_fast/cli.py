@@ -45,6 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
             vision=args.vision,
             tokenizer=args.tokenizer,
             template=args.template,
+            base=args.base,
             overwrite=args.overwrite,
         )
     except CheckpointError as error:
@@ -318,6 +319,11 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--template", default=None,
         help="chat template (default: mistral_instruct for llava_mistral; needed for other models)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--base", default=None, metavar="DIR",
+        help="the base LLM's folder when the checkpoint's LLM weights are deltas over it (LLaVA-Med v0's "
+        "releases: LLaMA-7B in transformers' layout)",
     )  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
     convert.set_defaults(run=_convert)

@@ -25,10 +25,16 @@ source file's weights at a time:
   resize and centre crop; the chat template is ``mistral_instruct`` for ``llava_mistral`` (the released
   LLaVA-Med v1.5's) and must be named for other models.
 
-Every weight's name and shape is checked against transformers' model of the converted config before
-anything is written. Refused, each with the file and field that say so: ``<im_start>``/``<im_end>`` or
-patch tokens (LLaVA-Med v0's layout, released as deltas over LLaMA), a vision feature other than the
-patches, tiled images (LLaVA-NeXT's ``anyres``), projectors other than ``linear`` and ``mlp2x_gelu``.
+LLaVA-Med v0 (``mm_use_im_start_end``: the image between ``<im_start>`` and ``<im_end>``, a linear
+projector, template ``v0``) was released as deltas over LLaMA-7B: ``--base`` names the base LLM, whose
+weights are added to the delta's LLM weights (the embedding's and LM head's first rows only), as LLaVA's
+``apply_delta`` does; its ``<im_patch>`` token stays in the vocabulary, unused, since ``<image>`` takes its
+place.
+
+Every weight's name and shape (and the base's, with ``--base``) is checked against transformers' model of
+the converted config before anything is written. Refused, each with the file and field that say so: a
+vision feature other than the patches, tiled images (LLaVA-NeXT's ``anyres``), projectors other than
+``linear`` and ``mlp2x_gelu``.
 """
 
 from __future__ import annotations
@@ -127,11 +133,6 @@ def _source_config(source: Path) -> dict[str, Any]:
             f"{path}: model_type {kind!r} is not a LLaVA original-layout model "
             f"(known: {', '.join(_TEXT_TYPES)}); a transformers LLaVA checkpoint loads as it is"
         )
-    for field in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if config.get(field):
-            raise ConversionError(
-                f"{path}: {field} is true (LLaVA-Med v0's image tokens); only the v1.5 layout converts"
-            )
     refusals = {
         "mm_vision_select_feature": ("patch", "only the patch features (CLS dropped) are supported"),
         "mm_patch_merge_type": ("flat", "tiled images are not supported"),
@@ -243,6 +244,7 @@ class _Names:
 
 
 _VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+_LLM = ("model.language_model.", "lm_head.")  # transformers' names of the LLM's weights
 _IDENTITY = "model.multi_modal_projector.linear_2."
 
 
@@ -264,16 +266,61 @@ def _identity_linear_2(linear_1: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+class _Base:
+    """The base LLM that a checkpoint's LLM weights are deltas over (LLaVA-Med v0's releases): each delta
+    weight plus the base's weight of the same name, in float32, back in the delta's dtype. The embedding and
+    the LM head add the base to their first rows only (the delta has rows for the tokens LLaVA added);
+    the projector and the vision tower are not deltas."""
+
+    def __init__(self, directory: Path) -> None:
+        if not (directory / "config.json").is_file():
+            raise ConversionError(f"--base {directory}: not a checkpoint folder (no config.json)")
+        self.directory = directory
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for path in _weight_files(directory):
+            for name, shape in _source_shapes([path]).items():
+                self.where[name], self.shapes[name] = path, shape
+        self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None  # one .bin file at a time
+
+    def check(self, deltas: Mapping[str, tuple[int, ...]]) -> None:
+        """Every delta (name -> shape) has a base weight it can be added to; before anything is written."""
+        for name, shape in deltas.items():
+            if name not in self.shapes:
+                raise ConversionError(f"--base {self.directory}: has no {name}, which the delta weights hold")
+            base = self.shapes[name]
+            vocab_rows = name in ("model.embed_tokens.weight", "lm_head.weight")
+            fits = base[1:] == shape[1:] and base[0] <= shape[0] if vocab_rows else base == shape
+            if not fits:
+                raise ConversionError(f"--base {self.directory}: {name} is {base}, the delta's {shape}")
+
+    def added(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        path = self.where[name]
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                base = handle.get_tensor(name)
+        else:
+            if self._loaded is None or self._loaded[0] != path:
+                self._loaded = (path, _read_shard(path))
+            base = self._loaded[1][name]
+        total = delta.to(torch.float32, copy=True)
+        total[: base.shape[0]] += base.float()
+        return total.to(delta.dtype)
+
+
 def _converted_shards(
-    files: list[Path], names: _Names, vocab_size: int, keep
+    files: list[Path], names: _Names, vocab_size: int, keep, base: _Base | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Each source file's weights that ``keep`` accepts, under transformers' names, the vocabulary grown."""
+    """Each source file's weights that ``keep`` accepts, under transformers' names, the base added to the
+    LLM's when they are deltas, the vocabulary grown."""
     for path in files:
         out: dict[str, torch.Tensor] = {}
         for name, tensor in _read_shard(path).items():
             target = names(name)
             if target is None or not keep(name):
                 continue
+            if base is not None and target.startswith(_LLM):
+                tensor = base.added(name, tensor)
             if target in _VOCAB_ROWS:
                 tensor = _grown(tensor, vocab_size - tensor.shape[0])
             out[target] = tensor.contiguous()
@@ -364,7 +411,8 @@ def _model_config(
         projector=ProjectorType(config.get("mm_projector_type", "linear")),
         image_resize=ImageResize.PAD_TO_SQUARE if pad else ImageResize.CENTER_CROP,
         template=template,
-        image_start_end=False,
+        # LLaVA-Med v0: <im_start> + the image + <im_end>, the two rows trained like any other token's.
+        image_start_end=bool(config.get("mm_use_im_start_end")),
         # LLaVA cuts training sequences at the tokenizer's length, which its config records.
         max_length=int(
             config.get("tokenizer_model_max_length") or config.get("max_position_embeddings", 2048)
@@ -399,11 +447,13 @@ def convert_llava(
     vision: str | os.PathLike | None = None,
     tokenizer: str | None = None,
     template: str | None = None,
+    base: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Conversion:
     """Write ``source`` (LLaVA's original layout) to ``out`` as a checkpoint of ours; see the module doc.
     ``vision``: a CLIP checkpoint folder for the tower's config and weights (replacing stored ones);
-    ``tokenizer``: where the tokenizer comes from when not from ``source`` (a folder or hub id).
+    ``tokenizer``: where the tokenizer comes from when not from ``source`` (a folder or hub id);
+    ``base``: the base LLM's folder when the checkpoint's LLM weights are deltas over it (LLaVA-Med v0).
     Everything is checked before anything is written; ``out`` appears complete or not at all."""
     source = Path(source)
     if not source.is_dir():
@@ -458,8 +508,17 @@ def convert_llava(
     planned.update({n: tuple(t.shape) for n, t in tower.items()})
     _check_weights(source, planned, expected)
     notes = _tokenization_notes(processor)
+    if base is None and "delta" in source.name.lower():
+        notes.append(f"{source.name} sounds like delta weights; if it is, convert again with --base")
+    base_weights = None
+    if base is not None:
+        base_weights = _Base(Path(base))
+        base_weights.check(
+            {n: shape for n, shape in source_shapes.items() if keep(n) and (names(n) or "").startswith(_LLM)}
+        )
     with staged_directory(out, overwrite=overwrite) as staging:
-        _write_weights(staging, _converted_shards(files, names, vocab_size, keep), len(files), tower)
+        shards = _converted_shards(files, names, vocab_size, keep, base_weights)
+        _write_weights(staging, shards, len(files), tower)
         write_metadata(staging, hf, processor, model_config)
     return Conversion(Path(out), notes)
 
@@ -467,7 +526,13 @@ def convert_llava(
 def _tokenization_notes(processor: LlavaMedProcessor) -> list[str]:
     """Whether our one-pass tokenization of a prompt gives LLaVA's ids: LLaVA tokenizes the text on each
     side of the image placeholder on its own (BOS kept once), so a SentencePiece tokenizer may start the
-    text after the image with a word-start piece that one pass does not produce. A note when they differ."""
+    text after the image with a word-start piece that one pass does not produce. A note when they differ.
+    LLaVA v0's layout (``<im_start>``/``<im_end>``) wrote the image's tokens into the text and tokenized it in
+    one pass, as we do: nothing to compare."""
+    if processor.image_placeholder != processor.tokenizer.convert_ids_to_tokens(
+        processor.image_tokens.token_id
+    ):
+        return []
     tok = processor.tokenizer
     messages = [Message("user", "<image>\nWhat is shown here?")]
     ours = processor.encode(messages, num_images=1, add_generation_prompt=True).input_ids.tolist()

@@ -110,14 +110,18 @@ class Original:
         sentencepiece: bool = False,
         linear: bool = False,
         legacy: bool = True,
+        v0: bool = False,
+        name: str = "llava-med-tiny",
     ) -> None:
         torch.manual_seed(0)
-        self.dir = root / "llava-med-tiny"
+        self.dir = root / name
         self.dir.mkdir(parents=True)
         if sentencepiece:
             vocab = _sentencepiece_model(self.dir, legacy=legacy)
         else:
             self.tokenizer = _tokenizer()
+            if v0:  # LLaVA v0 added its image tokens to LLaMA's vocabulary
+                self.tokenizer.add_tokens(["<im_patch>", "<im_start>", "<im_end>"], special_tokens=True)
             self.tokenizer.save_pretrained(self.dir)
             vocab = len(self.tokenizer)
         text_fields = {
@@ -136,7 +140,11 @@ class Original:
             "eos_token_id": 2,
             "hidden_act": "silu",
         }
-        self.text = MistralForCausalLM(MistralConfig(**text_fields)).eval()
+        if v0:
+            text_fields.pop("sliding_window")
+            self.text = LlamaForCausalLM(LlamaConfig(**text_fields)).eval()
+        else:
+            self.text = MistralForCausalLM(MistralConfig(**text_fields)).eval()
         vision_config = CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -170,7 +178,7 @@ class Original:
             **text_fields,
             "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
             "architectures": ["LlavaMistralForCausalLM"],
-            "model_type": "llava_mistral",
+            "model_type": "llava" if v0 else "llava_mistral",
             "transformers_version": "4.36.2",
             "torch_dtype": "float32",
             "attention_dropout": 0.0,
@@ -182,13 +190,26 @@ class Original:
             "mm_vision_select_feature": "patch",
             "mm_projector_type": "linear" if linear else "mlp2x_gelu",
             "image_aspect_ratio": "pad",
-            "mm_use_im_start_end": False,
-            "mm_use_im_patch_token": False,
+            "mm_use_im_start_end": v0,
+            "mm_use_im_patch_token": v0,
             "tokenizer_model_max_length": 2048,
             "tokenizer_padding_side": "right",
             "feature_outs": "encoder+decoder",  # a leftover field of the released config
         }
         self.write_config()
+
+    def as_delta(self, base: Path) -> None:
+        """Store the LLM's weights as deltas over a random base LLaMA (saved to ``base``, without the
+        image tokens' rows), as LLaVA-Med v0 was released."""
+        config = LlamaConfig(**{**self.text.config.to_dict(), "vocab_size": VOCAB})
+        base_model = LlamaForCausalLM(config)
+        base_model.save_pretrained(base)
+        for name, weight in base_model.state_dict().items():
+            self.state[name] = self.state[name].clone()
+            self.state[name][: weight.shape[0]] -= weight
+        for path in self.dir.glob("model*.safetensors*"):
+            path.unlink()
+        self.save(1)
 
     def save(self, shards: int) -> None:
         names = sorted(self.state)
@@ -309,6 +330,47 @@ def test_linear_projector_and_a_layer_counted_from_the_front(tmp_path, vqa_rad_i
     assert model.multi_modal_projector.linear_2 is None
 
 
+def test_v0_delta_weights_over_a_base_llm(tmp_path, vqa_rad_images):
+    original = Original(
+        tmp_path, linear=True, shards=1, store_tower=False, v0=True, name="llava-med-7b-delta"
+    )
+    original.as_delta(tmp_path / "llama-base")
+    kwargs = {"vision": original.tower_dir, "template": "v0"}
+    done = convert_llava(original.dir, tmp_path / "out", base=tmp_path / "llama-base", **kwargs)
+    assert done.notes == []
+    out = done.path
+    config = json.loads((out / "config.json").read_text())
+    image_token = config["image_token_index"]
+    assert image_token == VOCAB + 3  # after <im_patch>, <im_start>, <im_end>, which stay
+    ours = json.loads((out / "llavamed_fast.json").read_text())["model"]
+    assert ours["image_start_end"] and ours["template"] == "v0" and ours["projector"] == "linear"
+    theirs, inputs = _hf_logits(out, Image.open(vqa_rad_images[4]).convert("RGB"))
+    ids = inputs["input_ids"][0].tolist()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    start, end = tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+    assert ids[ids.index(start) : ids.index(end) + 1] == [start, *[image_token] * 4, end]
+    reference = original.logits(inputs["input_ids"][0], image_token, inputs["pixel_values"])
+    # Base + delta in float32 rounds once: not bit-exact, far inside what a wrong sum would give.
+    torch.testing.assert_close(theirs[:, : VOCAB + 3], reference, atol=2e-5, rtol=1e-5)
+
+    # Without the base, the deltas alone are converted, with a note that the folder sounds like deltas.
+    alone = convert_llava(original.dir, tmp_path / "alone", **kwargs)
+    assert any("--base" in note for note in alone.notes)
+    wrong, _ = _hf_logits(alone.path, Image.open(vqa_rad_images[4]).convert("RGB"))
+    assert (wrong[:, : VOCAB + 3] - reference).abs().max() > 1e-2
+    # A base of another shape is refused before anything is written.
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(
+        LlamaConfig(**{**original.text.config.to_dict(), "vocab_size": VOCAB + 10})
+    ).save_pretrained(other)
+    with pytest.raises(
+        ConversionError,
+        match=r"--base .*other-base: (lm_head|model\.embed_tokens)\.weight is \(310, 64\), the delta's \(303, 64\)",
+    ):
+        convert_llava(original.dir, tmp_path / "bad", base=other, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path, vqa_rad_images):
     original = Original(tmp_path, store_tower=False, shards=1)
     original.write_config(mm_vision_tower="openai/clip-vit-large-patch14-336")  # not stored, not here
@@ -330,7 +392,6 @@ def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path,
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"mm_use_im_start_end": True}, "config.json: mm_use_im_start_end is true"),
         ({"mm_projector_type": "mlp3x_gelu"}, "mm_projector_type 'mlp3x_gelu' is not supported"),
         ({"mm_vision_select_feature": "cls_patch"}, "mm_vision_select_feature is 'cls_patch'"),
         ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio 'anyres'"),
