@@ -209,7 +209,10 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         with safe_open(path, framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, EOFError) as error:  # torch.load's pickle and zip errors
+        raise ConversionError(f"{path}: cannot read it as PyTorch weights ({error})") from error
 
 
 @dataclass(frozen=True)
@@ -278,9 +281,18 @@ class _Base:
         self.directory = directory
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        for path in _weight_files(directory):
+        try:
+            files = _weight_files(directory)
+        except ConversionError as error:
+            raise ConversionError(f"--base {error}") from error
+        for path in files:
             for name, shape in _source_shapes([path]).items():
                 self.where[name], self.shapes[name] = path, shape
+        self.stored = {name: name for name in self.shapes}  # the name each weight is read under
+        tied = "model.embed_tokens.weight"
+        if "lm_head.weight" not in self.shapes and tied in self.shapes:  # a base with tied embeddings
+            self.where["lm_head.weight"], self.shapes["lm_head.weight"] = self.where[tied], self.shapes[tied]
+            self.stored["lm_head.weight"] = tied
         self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None  # one .bin file at a time
 
     def check(self, deltas: Mapping[str, tuple[int, ...]]) -> None:
@@ -296,13 +308,14 @@ class _Base:
 
     def added(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         path = self.where[name]
+        stored = self.stored[name]
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as handle:
-                base = handle.get_tensor(name)
+                base = handle.get_tensor(stored)
         else:
             if self._loaded is None or self._loaded[0] != path:
                 self._loaded = (path, _read_shard(path))
-            base = self._loaded[1][name]
+            base = self._loaded[1][stored]
         total = delta.to(torch.float32, copy=True)
         total[: base.shape[0]] += base.float()
         return total.to(delta.dtype)
@@ -508,8 +521,7 @@ def convert_llava(
     planned.update({n: tuple(t.shape) for n, t in tower.items()})
     _check_weights(source, planned, expected)
     notes = _tokenization_notes(processor)
-    if base is None and "delta" in source.name.lower():
-        notes.append(f"{source.name} sounds like delta weights; if it is, convert again with --base")
+    _check_delta(files, delta=base is not None)
     base_weights = None
     if base is not None:
         base_weights = _Base(Path(base))
@@ -524,37 +536,45 @@ def convert_llava(
 
 
 def _tokenization_notes(processor: LlavaMedProcessor) -> list[str]:
-    """Whether our one-pass tokenization of a prompt gives LLaVA's ids: LLaVA tokenizes the text on each
-    side of the image placeholder on its own (BOS kept once), so a SentencePiece tokenizer may start the
-    text after the image with a word-start piece that one pass does not produce. A note when they differ.
-    LLaVA v0's layout (``<im_start>``/``<im_end>``) wrote the image's tokens into the text and tokenized it in
-    one pass, as we do: nothing to compare."""
-    if processor.image_placeholder != processor.tokenizer.convert_ids_to_tokens(
-        processor.image_tokens.token_id
-    ):
-        return []
+    """Whether our one-pass tokenization of a prompt gives the ids LLaVA trained the model with; a note
+    when it does not. LLaVA-1.5 (the -200 placeholder) tokenizes the text on each side of the image on its
+    own, BOS from the tokenizer, kept once: a SentencePiece tokenizer may then start the text after the
+    image with a word-start piece that one pass leaves out. LLaVA v0 wrote the image's tokens into the text
+    and tokenized it in one pass, but with a slow tokenizer that stripped the whitespace around them."""
     tok = processor.tokenizer
+    image = processor.image_tokens.token_id
+    if processor.image_placeholder != tok.convert_ids_to_tokens(image):
+        return [
+            "LLaVA v0 tokenized with a transformers release (< 4.34) whose slow tokenizers stripped the "
+            "whitespace around added tokens such as <im_start> and <im_end>; here it is kept, as in our "
+            "own v0 training (not checked against the released files)"
+        ]
     messages = [Message("user", "<image>\nWhat is shown here?")]
     ours = processor.encode(messages, num_images=1, add_generation_prompt=True).input_ids.tolist()
-    image = processor.image_tokens.token_id
     ours = [t for i, t in enumerate(ours) if t != image or i == 0 or ours[i - 1] != image]  # one per image
     text = processor.render(messages, add_generation_prompt=True).text.removeprefix(tok.bos_token or "")
     chunks = [tok(chunk).input_ids for chunk in text.split(processor.image_placeholder)]
-    offset = int(bool(chunks[0]) and chunks[0][0] == tok.bos_token_id)
+    offset = int(bool(chunks[0]) and chunks[0][0] == tok.bos_token_id)  # LLaVA keeps the BOS once
     llava = [tok.bos_token_id] if offset else []
     for number, chunk in enumerate(chunks):
         llava += ([image] if number else []) + chunk[offset:]
-
-    def strip(ids: list[int]) -> list[int]:  # BOS aside: whether a tokenizer adds it is its own business
-        return ids[1:] if ids[:1] == [tok.bos_token_id] else ids
-
-    if strip(ours) == strip(llava):
+    if ours == llava:
         return []
+    first = next(
+        (i for i, (a, b) in enumerate(zip(ours, llava, strict=False)) if a != b), min(len(ours), len(llava))
+    )
+    window = slice(max(first - 2, 0), first + 3)
+    theirs, here = tok.convert_ids_to_tokens(llava[window]), tok.convert_ids_to_tokens(ours[window])
+    word_start = any("\u2581" in piece for piece in theirs + here)  # SentencePiece's word-start mark
+    hint = (
+        '; a LLaMA/Mistral tokenizer_config.json with "legacy": true tokenizes text after special tokens '
+        "(BOS, the image) as LLaVA does"
+        if word_start
+        else ""
+    )
     return [
-        "this tokenizer gives other ids around the image than LLaVA's own tokenization, which the model "
-        f"was trained with (LLaVA: {tok.convert_ids_to_tokens(strip(llava))}; here: "
-        f"{tok.convert_ids_to_tokens(strip(ours))}); a LLaMA/Mistral tokenizer_config.json with "
-        '"legacy": true tokenizes as LLaVA does'
+        f"the prompt's ids differ from LLaVA's own tokenization (the one the model was trained with) at "
+        f"token {first}: LLaVA {theirs}, here {here}{hint}"
     ]
 
 
@@ -582,6 +602,33 @@ def _write_weights(
         del tensors  # before the generator reads the next file
     if count > 1:
         write_index(directory, weight_map, total)
+
+
+def _check_delta(files: list[Path], *, delta: bool) -> None:
+    """Whether the LLM's weights are deltas (``--base`` given) agrees with the weights: the final norm's
+    weights average near 0 in a delta (the base's, near 1 or above when trained, are added later) and far
+    from 0 in full weights. Adding the base twice, or not at all, would write a model that runs and talks
+    nonsense."""
+    name = "model.norm.weight"
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                norm = handle.get_tensor(name) if name in handle.keys() else None
+        else:
+            norm = _read_shard(path).get(name)
+        if norm is None:
+            continue
+        mean = norm.float().mean().item()
+        if delta and abs(mean) >= 0.5:
+            raise ConversionError(
+                f"{path}: {name} averages {mean:.3f}, as full weights do (a delta's is near 0): leave out --base"
+            )
+        if not delta and abs(mean) < 0.5:
+            raise ConversionError(
+                f"{path}: {name} averages {mean:.3f}, as delta weights do (a trained model's is near 1): "
+                f"give --base, the LLM they are deltas over"
+            )
+        return
 
 
 def _source_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

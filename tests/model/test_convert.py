@@ -273,6 +273,8 @@ def _hf_inputs(directory: Path, image: Image.Image):
 def test_converted_checkpoint_computes_the_original_model(original, tmp_path, vqa_rad_images):
     done = convert_llava(original.dir, tmp_path / "converted")
     out = done.path
+    # This tokenizer adds no BOS, so LLaVA's tokenization had none; the template writes one: said.
+    assert len(done.notes) == 1 and "at token 0" in done.notes[0] and "legacy" not in done.notes[0]
     config = json.loads((out / "config.json").read_text())
     image_token = config["image_token_index"]
     assert image_token == VOCAB  # <image> added after the original vocabulary
@@ -331,13 +333,17 @@ def test_linear_projector_and_a_layer_counted_from_the_front(tmp_path, vqa_rad_i
 
 
 def test_v0_delta_weights_over_a_base_llm(tmp_path, vqa_rad_images):
-    original = Original(
-        tmp_path, linear=True, shards=1, store_tower=False, v0=True, name="llava-med-7b-delta"
-    )
+    original = Original(tmp_path, linear=True, shards=1, store_tower=False, v0=True)
+    merged_head = original.text.lm_head.weight.detach().clone()
     original.as_delta(tmp_path / "llama-base")
     kwargs = {"vision": original.tower_dir, "template": "v0"}
+    # Deltas without their base, or full weights with one, would write a model that talks nonsense.
+    with pytest.raises(
+        ConversionError, match=r"model.norm.weight averages 0.000, as delta weights do.*--base"
+    ):
+        convert_llava(original.dir, tmp_path / "alone", **kwargs)
     done = convert_llava(original.dir, tmp_path / "out", base=tmp_path / "llama-base", **kwargs)
-    assert done.notes == []
+    assert len(done.notes) == 1 and "stripped the whitespace" in done.notes[0]  # v0's old tokenizer
     out = done.path
     config = json.loads((out / "config.json").read_text())
     image_token = config["image_token_index"]
@@ -352,12 +358,16 @@ def test_v0_delta_weights_over_a_base_llm(tmp_path, vqa_rad_images):
     reference = original.logits(inputs["input_ids"][0], image_token, inputs["pixel_values"])
     # Base + delta in float32 rounds once: not bit-exact, far inside what a wrong sum would give.
     torch.testing.assert_close(theirs[:, : VOCAB + 3], reference, atol=2e-5, rtol=1e-5)
+    # The rows added after the delta's are the mean of the merged rows, not of the deltas.
+    head = LlavaForConditionalGeneration.from_pretrained(out).lm_head.weight
+    torch.testing.assert_close(head[VOCAB + 3 :], merged_head.mean(0).expand(320 - VOCAB - 3, -1))
+    # Our loader renders the image between <im_start> and <im_end> too.
+    processor = load_pretrained(out)[1]
+    encoded = processor.encode(
+        [Message("user", "<image>\n" + QUESTION)], num_images=1, add_generation_prompt=True
+    )
+    assert encoded.input_ids.tolist() == ids
 
-    # Without the base, the deltas alone are converted, with a note that the folder sounds like deltas.
-    alone = convert_llava(original.dir, tmp_path / "alone", **kwargs)
-    assert any("--base" in note for note in alone.notes)
-    wrong, _ = _hf_logits(alone.path, Image.open(vqa_rad_images[4]).convert("RGB"))
-    assert (wrong[:, : VOCAB + 3] - reference).abs().max() > 1e-2
     # A base of another shape is refused before anything is written.
     other = tmp_path / "other-base"
     LlamaForCausalLM(
@@ -369,6 +379,14 @@ def test_v0_delta_weights_over_a_base_llm(tmp_path, vqa_rad_images):
     ):
         convert_llava(original.dir, tmp_path / "bad", base=other, **kwargs)
     assert not (tmp_path / "bad").exists()
+
+
+def test_full_weights_with_a_base_are_refused(original, tmp_path):
+    with pytest.raises(
+        ConversionError, match=r"model.norm.weight averages 1.000, as full weights do.*leave out --base"
+    ):
+        convert_llava(original.dir, tmp_path / "out", base=tmp_path / "some-llama")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path, vqa_rad_images):
