@@ -40,7 +40,6 @@ vision feature other than the patches, tiled images (LLaVA-NeXT's ``anyres``), p
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -50,22 +49,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from llavamed_fast.data.templates import TEMPLATES, Message
 from llavamed_fast.model.build import VOCAB_MULTIPLE
 from llavamed_fast.model.checkpoint import (
-    CheckpointError,
     check_target,
     llava_config,
     staged_directory,
-    write_index,
     write_metadata,
 )
 from llavamed_fast.model.config import ImageResize, ModelConfig, ProjectorType
+from llavamed_fast.model.llava_weights import (
+    LLM_PREFIXES,
+    VISION_PREFIX,
+    BaseWeights,
+    ConversionError,
+    WeightNames,
+    check_delta,
+    converted_shards,
+    planned_shapes,
+    source_shapes,
+    weight_files,
+    write_weights,
+)
 from llavamed_fast.model.processor import LlavaMedProcessor, load_tokenizer
 
 # The towers LLaVA and LLaVA-Med name in mm_vision_tower (the public configs of OpenAI's CLIP ViT-L/14),
@@ -91,13 +99,6 @@ _TEXT_TYPES: Mapping[str, tuple[str, str | None]] = {
     "llava_llama": ("llama", None),
     "llava": ("llama", None),
 }
-# Buffers that older transformers saved and current ones recompute.
-_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
-_VISION_PREFIX = "model.vision_tower.vision_tower."
-
-
-class ConversionError(CheckpointError):
-    """A source checkpoint that cannot be converted as asked (names the file and field)."""
 
 
 class _NotThatConfigWarning(logging.Filter):
@@ -182,180 +183,6 @@ def _text_config(config: Mapping[str, Any], tokenizer, vocab_size: int):
         pad_token_id=tokenizer.pad_token_id,
     )
     return AutoConfig.for_model(kind, **fields)
-
-
-def _weight_files(source: Path) -> list[Path]:
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index = source / index_name
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-                raise ConversionError(f"{index}: not an index with a weight_map ({error!r})") from error
-            return [source / name for name in names]
-        if (source / single).is_file():
-            return [source / single]
-    raise ConversionError(
-        f"{source}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
-    )
-
-
-def _read_shard(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ConversionError(f"{path}: weight file is missing")
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError, EOFError) as error:  # torch.load's pickle and zip errors
-        raise ConversionError(f"{path}: cannot read it as PyTorch weights ({error})") from error
-
-
-@dataclass(frozen=True)
-class _Names:
-    """LLaVA's weight names to transformers' for one model: the projector's kind, and whether this
-    transformers version keeps CLIP's ``vision_model.`` level inside the tower's names (5.x does not)."""
-
-    projector: ProjectorType
-    tower_level: bool
-
-    def tower(self, rest: str) -> str:
-        """A CLIP weight's name (with or without ``vision_model.``) inside the LLaVA model."""
-        rest = rest.removeprefix("vision_model.")
-        return "model.vision_tower." + ("vision_model." if self.tower_level else "") + rest
-
-    def __call__(self, name: str) -> str | None:
-        """transformers' name of a weight of LLaVA's layout; None for a buffer that is not stored."""
-        if name.endswith(_SKIPPED_SUFFIXES):
-            return None
-        if name.startswith(_VISION_PREFIX):
-            return self.tower(name[len(_VISION_PREFIX) :])
-        if name.startswith("model.mm_projector."):
-            rest = name[len("model.mm_projector.") :]
-            if self.projector is ProjectorType.LINEAR:
-                return "model.multi_modal_projector.linear_1." + rest
-            layer, _, param = rest.partition(".")
-            linear = {"0": "linear_1", "2": "linear_2"}.get(layer)
-            return f"model.multi_modal_projector.{linear}.{param}" if linear else name
-        if name.startswith("model."):
-            return "model.language_model." + name[len("model.") :]
-        return name  # lm_head.weight
-
-
-_VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
-_LLM = ("model.language_model.", "lm_head.")  # transformers' names of the LLM's weights
-_IDENTITY = "model.multi_modal_projector.linear_2."
-
-
-def _grown(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``rows`` with ``count`` rows more, each the mean of the existing ones."""
-    if count == 0:
-        return rows
-    mean = rows.float().mean(dim=0, keepdim=True).to(rows.dtype)
-    return torch.cat([rows, mean.expand(count, -1)])
-
-
-def _identity_linear_2(linear_1: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A single linear projector is written as transformers' two layers with an identity second one
-    (the same function; ``checkpoint.py`` reads it back as one layer)."""
-    width = linear_1.shape[0]
-    return {
-        _IDENTITY + "weight": torch.eye(width, dtype=linear_1.dtype),
-        _IDENTITY + "bias": torch.zeros(width, dtype=linear_1.dtype),
-    }
-
-
-class _Base:
-    """The base LLM that a checkpoint's LLM weights are deltas over (LLaVA-Med v0's releases): each delta
-    weight plus the base's weight of the same name, in float32, back in the delta's dtype. The embedding and
-    the LM head add the base to their first rows only (the delta has rows for the tokens LLaVA added);
-    the projector and the vision tower are not deltas."""
-
-    def __init__(self, directory: Path) -> None:
-        if not (directory / "config.json").is_file():
-            raise ConversionError(f"--base {directory}: not a checkpoint folder (no config.json)")
-        self.directory = directory
-        self.where: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        try:
-            files = _weight_files(directory)
-        except ConversionError as error:
-            raise ConversionError(f"--base {error}") from error
-        for path in files:
-            for name, shape in _source_shapes([path]).items():
-                self.where[name], self.shapes[name] = path, shape
-        self.stored = {name: name for name in self.shapes}  # the name each weight is read under
-        tied = "model.embed_tokens.weight"
-        if "lm_head.weight" not in self.shapes and tied in self.shapes:  # a base with tied embeddings
-            self.where["lm_head.weight"], self.shapes["lm_head.weight"] = self.where[tied], self.shapes[tied]
-            self.stored["lm_head.weight"] = tied
-        self._loaded: tuple[Path, dict[str, torch.Tensor]] | None = None  # one .bin file at a time
-
-    def check(self, deltas: Mapping[str, tuple[int, ...]]) -> None:
-        """Every delta (name -> shape) has a base weight it can be added to; before anything is written."""
-        for name, shape in deltas.items():
-            if name not in self.shapes:
-                raise ConversionError(f"--base {self.directory}: has no {name}, which the delta weights hold")
-            base = self.shapes[name]
-            vocab_rows = name in ("model.embed_tokens.weight", "lm_head.weight")
-            fits = base[1:] == shape[1:] and base[0] <= shape[0] if vocab_rows else base == shape
-            if not fits:
-                raise ConversionError(f"--base {self.directory}: {name} is {base}, the delta's {shape}")
-
-    def added(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        path = self.where[name]
-        stored = self.stored[name]
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                base = handle.get_tensor(stored)
-        else:
-            if self._loaded is None or self._loaded[0] != path:
-                self._loaded = (path, _read_shard(path))
-            base = self._loaded[1][stored]
-        total = delta.to(torch.float32, copy=True)
-        total[: base.shape[0]] += base.float()
-        return total.to(delta.dtype)
-
-
-def _converted_shards(
-    files: list[Path], names: _Names, vocab_size: int, keep, base: _Base | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Each source file's weights that ``keep`` accepts, under transformers' names, the base added to the
-    LLM's when they are deltas, the vocabulary grown."""
-    for path in files:
-        out: dict[str, torch.Tensor] = {}
-        for name, tensor in _read_shard(path).items():
-            target = names(name)
-            if target is None or not keep(name):
-                continue
-            if base is not None and target.startswith(_LLM):
-                tensor = base.added(name, tensor)
-            if target in _VOCAB_ROWS:
-                tensor = _grown(tensor, vocab_size - tensor.shape[0])
-            out[target] = tensor.contiguous()
-            if names.projector is ProjectorType.LINEAR and target.endswith("linear_1.weight"):
-                out.update(_identity_linear_2(tensor))
-        yield out
-
-
-def _planned_shapes(
-    source_shapes: Mapping[str, tuple[int, ...]], names: _Names, vocab_size: int, keep
-) -> dict[str, tuple[int, ...]]:
-    """The shapes :func:`_converted_shards` will write, from the source's shapes alone."""
-    planned: dict[str, tuple[int, ...]] = {}
-    for name, shape in source_shapes.items():
-        target = names(name)
-        if target is None or not keep(name):
-            continue
-        planned[target] = (vocab_size, *shape[1:]) if target in _VOCAB_ROWS else tuple(shape)
-        if names.projector is ProjectorType.LINEAR and target.endswith("linear_1.weight"):
-            planned[_IDENTITY + "weight"] = (shape[0], shape[0])
-            planned[_IDENTITY + "bias"] = (shape[0],)
-    return planned
 
 
 def _expected_shapes(hf_config) -> dict[str, tuple[int, ...]]:
@@ -495,15 +322,15 @@ def convert_llava(
         tokens_per_image=processor.image_tokens.count,
         dtype=dtype,
     )
-    files = _weight_files(source)
-    source_shapes = _source_shapes(files)
-    if vision is None and not any(name.startswith(_VISION_PREFIX) for name in source_shapes):
+    files = weight_files(source)
+    stored = source_shapes(files)
+    if vision is None and not any(name.startswith(VISION_PREFIX) for name in stored):
         raise ConversionError(
-            f"{source}: the checkpoint holds no vision tower weights ({_VISION_PREFIX}*); give --vision, "
+            f"{source}: the checkpoint holds no vision tower weights ({VISION_PREFIX}*); give --vision, "
             f"the CLIP checkpoint folder it was trained with"
         )
     expected = _expected_shapes(hf)
-    names = _Names(
+    names = WeightNames(
         model_config.projector,
         tower_level=any(n.startswith("model.vision_tower.vision_model.") for n in expected),
     )
@@ -513,24 +340,24 @@ def convert_llava(
         tower = {names.tower(k): v.contiguous() for k, v in clip.state_dict().items()}
 
     def keep(name: str) -> bool:
-        if vision is not None and name.startswith(_VISION_PREFIX):
+        if vision is not None and name.startswith(VISION_PREFIX):
             return False
         return not (name == "lm_head.weight" and text_config.tie_word_embeddings)
 
-    planned = _planned_shapes(source_shapes, names, vocab_size, keep)
+    planned = planned_shapes(stored, names, vocab_size, keep)
     planned.update({n: tuple(t.shape) for n, t in tower.items()})
     _check_weights(source, planned, expected)
     notes = _tokenization_notes(processor)
-    _check_delta(files, delta=base is not None)
+    check_delta(files, delta=base is not None)
     base_weights = None
     if base is not None:
-        base_weights = _Base(Path(base))
+        base_weights = BaseWeights(Path(base))
         base_weights.check(
-            {n: shape for n, shape in source_shapes.items() if keep(n) and (names(n) or "").startswith(_LLM)}
+            {n: shape for n, shape in stored.items() if keep(n) and (names(n) or "").startswith(LLM_PREFIXES)}
         )
     with staged_directory(out, overwrite=overwrite) as staging:
-        shards = _converted_shards(files, names, vocab_size, keep, base_weights)
-        _write_weights(staging, shards, len(files), tower)
+        shards = converted_shards(files, names, vocab_size, keep, base_weights)
+        write_weights(staging, shards, len(files), tower)
         write_metadata(staging, hf, processor, model_config)
     return Conversion(Path(out), notes)
 
@@ -584,63 +411,6 @@ class Conversion:
 
     path: Path
     notes: list[str]
-
-
-def _write_weights(
-    directory: Path, shards: Iterator[dict[str, torch.Tensor]], count: int, tower: dict[str, torch.Tensor]
-) -> None:
-    """One output file per source file (and one for a tower given apart), with an index when several."""
-    count += bool(tower)
-    weight_map: dict[str, str] = {}
-    total = 0
-    # chain, not a list: one source file's tensors in memory at a time
-    for number, tensors in enumerate(itertools.chain(shards, [tower] if tower else []), 1):
-        name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors  # before the generator reads the next file
-    if count > 1:
-        write_index(directory, weight_map, total)
-
-
-def _check_delta(files: list[Path], *, delta: bool) -> None:
-    """Whether the LLM's weights are deltas (``--base`` given) agrees with the weights: the final norm's
-    weights average near 0 in a delta (the base's, near 1 or above when trained, are added later) and far
-    from 0 in full weights. Adding the base twice, or not at all, would write a model that runs and talks
-    nonsense."""
-    name = "model.norm.weight"
-    for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                norm = handle.get_tensor(name) if name in handle.keys() else None
-        else:
-            norm = _read_shard(path).get(name)
-        if norm is None:
-            continue
-        mean = norm.float().mean().item()
-        if delta and abs(mean) >= 0.5:
-            raise ConversionError(
-                f"{path}: {name} averages {mean:.3f}, as full weights do (a delta's is near 0): leave out --base"
-            )
-        if not delta and abs(mean) < 0.5:
-            raise ConversionError(
-                f"{path}: {name} averages {mean:.3f}, as delta weights do (a trained model's is near 1): "
-                f"give --base, the LLM they are deltas over"
-            )
-        return
-
-
-def _source_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Every stored weight's shape, read from the safetensors headers (a .bin file is loaded, mmapped)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        if path.suffix == ".safetensors" and path.is_file():
-            with safe_open(path, framework="pt") as handle:
-                shapes.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})
-        else:
-            shapes.update({n: tuple(t.shape) for n, t in _read_shard(path).items()})
-    return shapes
 
 
 __all__ = ["KNOWN_VISION_TOWERS", "Conversion", "ConversionError", "convert_llava"]
