@@ -207,23 +207,32 @@ class Original:
         for name, weight in base_model.state_dict().items():
             self.state[name] = self.state[name].clone()
             self.state[name][: weight.shape[0]] -= weight
-        for path in self.dir.glob("model*.safetensors*"):
-            path.unlink()
         self.save(1)
 
-    def save(self, shards: int) -> None:
+    def save(self, shards: int, *, pickle: bool = False) -> None:
+        """safetensors files as released, or PyTorch's pickled ``pytorch_model*.bin`` as older LLaVA saved."""
         names = sorted(self.state)
+        kind, suffix = ("pytorch_model", "bin") if pickle else ("model", "safetensors")
+
+        def write(tensors: dict[str, torch.Tensor], filename: str) -> None:
+            if pickle:
+                torch.save(tensors, self.dir / filename)
+            else:
+                save_file(tensors, self.dir / filename)
+
+        for stale in self.dir.glob("*model*.safetensors*"):
+            stale.unlink()
         if shards == 1:
-            save_file(self.state, self.dir / "model.safetensors")
+            write(self.state, f"{kind}.{suffix}")
             return
         weight_map = {}
         for i in range(shards):
             group = names[i::shards]
-            filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({n: self.state[n] for n in group}, self.dir / filename)
+            filename = f"{kind}-{i + 1:05d}-of-{shards:05d}.{suffix}"
+            write({n: self.state[n] for n in group}, filename)
             weight_map.update(dict.fromkeys(group, filename))
         index = {"metadata": {}, "weight_map": weight_map}
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        (self.dir / f"{kind}.{suffix}.index.json").write_text(json.dumps(index))
 
     def write_config(self, **changes) -> None:
         (self.dir / "config.json").write_text(json.dumps({**self.config, **changes}))
@@ -387,6 +396,31 @@ def test_full_weights_with_a_base_are_refused(original, tmp_path):
     ):
         convert_llava(original.dir, tmp_path / "out", base=tmp_path / "some-llama")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("shards", "dtype"), [(1, torch.bfloat16), (3, torch.float16)])
+def test_pickled_weights_and_half_precision_keep_their_values(tmp_path, shards, dtype):
+    # Older LLaVA saves: pytorch_model*.bin (one file, or three with an index), in a 16-bit dtype.
+    original = Original(tmp_path)
+    original.state = {k: v.to(dtype) for k, v in original.state.items()}
+    original.save(shards, pickle=True)
+    original.write_config(torch_dtype=str(dtype).removeprefix("torch."))
+    out = convert_llava(original.dir, tmp_path / "out").path
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype="auto")
+    converted = model.state_dict()
+    assert model.dtype == dtype and json.loads((out / "config.json").read_text())["dtype"] == str(dtype)[6:]
+    # Every stored weight arrives bit for bit under its new name (rows past the vocabulary are new).
+    pairs = {
+        "model.layers.1.mlp.down_proj.weight": "model.language_model.layers.1.mlp.down_proj.weight",
+        "model.mm_projector.2.bias": "model.multi_modal_projector.linear_2.bias",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight": (
+            "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+        ),
+    }
+    for theirs, ours in pairs.items():
+        assert converted[ours].dtype == dtype and torch.equal(converted[ours], original.state[theirs])
+    assert torch.equal(converted["lm_head.weight"][:VOCAB], original.state["lm_head.weight"])
+    assert not any(tmp_path.glob("out/*.bin"))  # written as safetensors
 
 
 def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path, vqa_rad_images):
