@@ -130,22 +130,25 @@ def alignment_record(
     }
 
 
+def json_objects(lines: Iterable[str], path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-empty line of ``path``'s ``lines``; a line that is not a JSON
+    object is an error naming the file and line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number}: not JSON: {error.msg}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterable[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for each non-empty line; a line that is not a JSON object is an error
-    naming the file and line."""
+    """:func:`json_objects` of a JSONL file."""
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}: line {number}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield number, record
+        yield from json_objects(handle, path)
 
 
 def unique_figures(

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llavamed_fast.data.alignment import json_objects
 from llavamed_fast.data.durable import complete_lines
 
 DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
@@ -155,17 +155,7 @@ class ImageManifest:
         # Complete lines only: a last line without its newline was cut when 'curate images' was killed,
         # decided nothing (that step drops it on its next run), so its figure counts as not fetched yet.
         lines, _ = complete_lines(self.path)
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}: line {number}: not JSON: {error.msg}") from None
-            if not isinstance(entry, dict):
-                raise ValueError(
-                    f"{self.path}: line {number}: expected a JSON object, got {type(entry).__name__}"
-                )
+        for number, entry in json_objects(lines, self.path):
             for name in ("pair_id", "status"):
                 if not isinstance(entry.get(name), str) or not entry[name]:
                     raise ValueError(
