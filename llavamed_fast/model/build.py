@@ -15,6 +15,11 @@ VOCAB_MULTIPLE = 64
 """Embedding rows are padded to a multiple of 64: GEMMs over the vocabulary tile evenly on GPUs."""
 
 
+def padded_vocab(count: int) -> int:
+    """Embedding rows for ``count`` tokens: the next multiple of :data:`VOCAB_MULTIPLE`."""
+    return -(-count // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def _vision_tower(config: ModelConfig, dtype: torch.dtype | None) -> CLIPVisionModel:
     if isinstance(config.vision, str):
         return CLIPVisionModel.from_pretrained(config.vision, dtype=dtype)
@@ -34,7 +39,7 @@ def _language_model(config: ModelConfig, tokenizer, dtype: torch.dtype | None) -
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
     fields: Mapping = dict(config.text)
-    vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    vocab = padded_vocab(len(tokenizer))
     text_config = AutoConfig.for_model(**{**fields, **special, "vocab_size": vocab})
     return AutoModelForCausalLM.from_config(text_config, dtype=dtype or torch.float32)
 

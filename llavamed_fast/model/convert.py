@@ -53,7 +53,7 @@ from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, LlavaFor
 from transformers.utils import logging as hf_logging
 
 from llavamed_fast.data.templates import TEMPLATES, Message
-from llavamed_fast.model.build import VOCAB_MULTIPLE
+from llavamed_fast.model.build import padded_vocab
 from llavamed_fast.model.checkpoint import (
     check_target,
     llava_config,
@@ -308,7 +308,11 @@ def convert_llava(
     vision_config = _vision_config(config, source, vision)
     model_config = _model_config(config, source, vision_config, template, tokenizer or str(source))
     tok = _load_tokenizer(model_config)
-    vocab_size = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    files = weight_files(source)
+    stored = source_shapes(files)
+    # Rows for every token, and never fewer than stored (a checkpoint may hold rows past its tokenizer).
+    rows = stored.get("model.embed_tokens.weight", (0,))[0]
+    vocab_size = padded_vocab(max(len(tok), rows))
     text_config = _text_config(config, tok, vocab_size)
     model_config = model_config.replace(text=text_config.to_dict())
     processor = LlavaMedProcessor.from_config(
@@ -322,8 +326,6 @@ def convert_llava(
         tokens_per_image=processor.image_tokens.count,
         dtype=dtype,
     )
-    files = weight_files(source)
-    stored = source_shapes(files)
     if vision is None and not any(name.startswith(VISION_PREFIX) for name in stored):
         raise ConversionError(
             f"{source}: the checkpoint holds no vision tower weights ({VISION_PREFIX}*); give --vision, "

@@ -59,6 +59,14 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: cannot read it as PyTorch weights ({error})") from error
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor | None:
+    """One tensor of a weight file (only it, from safetensors), or None when the file has none so named."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name) if name in handle.keys() else None
+    return read_weights_file(path).get(name)
+
+
 @dataclass(frozen=True)
 class WeightNames:
     """LLaVA's weight names to transformers' for one model: the projector's kind, and whether this
@@ -154,9 +162,8 @@ class BaseWeights:
         path = self.where[name]
         stored = self.stored[name]
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                base = handle.get_tensor(stored)
-        else:
+            base = read_tensor(path, stored)
+        else:  # a pickled file is read whole: keep the last one for the weights that follow
             if self._loaded is None or self._loaded[0] != path:
                 self._loaded = (path, read_weights_file(path))
             base = self._loaded[1][stored]
@@ -234,11 +241,7 @@ def check_delta(files: list[Path], *, delta: bool) -> None:
     nonsense."""
     name = "model.norm.weight"
     for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                norm = handle.get_tensor(name) if name in handle.keys() else None
-        else:
-            norm = read_weights_file(path).get(name)
+        norm = read_tensor(path, name)
         if norm is None:
             continue
         mean = norm.float().mean().item()

@@ -423,6 +423,19 @@ def test_pickled_weights_and_half_precision_keep_their_values(tmp_path, shards, 
     assert not any(tmp_path.glob("out/*.bin"))  # written as safetensors
 
 
+def test_rows_past_the_tokenizer_are_kept(tmp_path):
+    # Some saves pad the vocabulary beyond the tokenizer (here 5 rows): they stay, and nothing is cut.
+    original = Original(tmp_path, shards=1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        original.state[name] = torch.cat([original.state[name], torch.randn(5, 64)])
+    original.save(1)
+    original.write_config(vocab_size=VOCAB + 5)
+    out = convert_llava(original.dir, tmp_path / "out").path
+    head = LlavaForConditionalGeneration.from_pretrained(out).lm_head.weight
+    assert head.shape[0] == 320
+    assert torch.equal(head[: VOCAB + 5], original.state["lm_head.weight"])
+
+
 def test_tower_from_a_clip_folder_replaces_or_completes_the_checkpoint(tmp_path, vqa_rad_images):
     original = Original(tmp_path, store_tower=False, shards=1)
     original.write_config(mm_vision_tower="openai/clip-vit-large-patch14-336")  # not stored, not here
